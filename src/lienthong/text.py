@@ -8,6 +8,7 @@ fold text the same way, so the rule lives in one place.
 from __future__ import annotations
 
 import unicodedata
+from functools import lru_cache
 
 # đ/Đ is a distinct letter, not a base letter plus a combining mark, so NFD does not split it.
 _SPECIAL = str.maketrans({"đ": "d", "Đ": "D", "ð": "d", "Ð": "D"})
@@ -18,6 +19,7 @@ def nfc(value: str) -> str:
     return unicodedata.normalize("NFC", value)
 
 
+@lru_cache(maxsize=65536)
 def fold(value: str) -> str:
     """Lower-case, strip diacritics and collapse whitespace: the search/match key of a string."""
     decomposed = unicodedata.normalize("NFD", value.translate(_SPECIAL))

@@ -1,0 +1,391 @@
+"""The HTTP face of a node: FHIR REST over Starlette, served by uvicorn.
+
+Why Starlette without FastAPI's models: FHIR resources are validated against the
+official definitions, not Pydantic classes, and the read path streams stored
+bytes untouched. This module only maps HTTP to the interactions layer: headers,
+content negotiation, Prefer, and turning every error into an OperationOutcome.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from lienthong.fhir.datetimes import format_http_date
+from lienthong.fhir.outcome import FhirError, OutcomeIssue, error, operation_outcome
+from lienthong.fhir.shaping import shape
+from lienthong.interactions.body import parse_json, parse_resource
+from lienthong.interactions.bundles import BundleProcessor
+from lienthong.interactions.capability import capability_statement
+from lienthong.interactions.context import Context
+from lienthong.interactions.export import ExportManager
+from lienthong.interactions.service import FhirService, Result
+
+log = logging.getLogger("lienthong.api")
+
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+_JSON_TYPES = ("application/fhir+json", "application/json", "json", "fhir+json", "application/json+fhir")
+_XML_TYPES = ("application/fhir+xml", "application/xml", "xml", "text/xml", "fhir+xml", "application/xml+fhir")
+
+
+@dataclass
+class ApiSettings:
+    max_body_bytes: int = 32 * 1024 * 1024
+    public_base_url: str | None = None  # e.g. https://node.example.vn/fhir behind a proxy
+
+
+class FhirApi:
+    """Request handlers bound to one service."""
+
+    def __init__(self, service: FhirService, settings: ApiSettings) -> None:
+        self.service = service
+        self.settings = settings
+        self.bundles = BundleProcessor(service)
+        self.exports = ExportManager(service)
+        self._capability: dict[str, Any] | None = None
+
+    # ---- plumbing --------------------------------------------------------------
+    def context(self, request: Request) -> Context:
+        base = self.settings.public_base_url or str(request.base_url).rstrip("/") + "/fhir"
+        prefer = request.headers.get("prefer", "")
+        return Context(
+            base_url=base,
+            strict="handling=strict" in prefer.replace(" ", ""),
+            address=request.client.host if request.client else None,
+        )
+
+    async def body(self, request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        limit = self.settings.max_body_bytes
+        if length and length.isdigit() and int(length) > limit:
+            raise error(413, "too-costly", "Thân yêu cầu quá lớn", f"Request body exceeds {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise error(413, "too-costly", "Thân yêu cầu quá lớn", f"Request body exceeds {limit} bytes")
+            chunks.append(chunk)
+        ctype = request.headers.get("content-type", "application/fhir+json").split(";")[0].strip().lower()
+        if ctype in _XML_TYPES:
+            raise error(415, "not-supported", "Chưa hỗ trợ XML", "XML is not supported yet; send application/fhir+json")
+        return b"".join(chunks)
+
+    @staticmethod
+    def query(request: Request) -> list[tuple[str, str]]:
+        return parse_qsl(request.url.query, keep_blank_values=True)
+
+    async def form_or_query(self, request: Request) -> list[tuple[str, str]]:
+        params = self.query(request)
+        raw = await self.body(request)
+        if raw:
+            params += parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
+        return params
+
+    def respond(self, request: Request, result: Result, ctx: Context) -> Response:
+        headers = dict(result.headers)
+        stored = result.stored
+        if stored is not None and not stored.deleted:
+            headers["ETag"] = stored.etag
+            headers["Last-Modified"] = format_http_date(stored.last_updated)
+            if result.status == 201:
+                headers["Location"] = f"{ctx.base_url}/{stored.rtype}/{stored.rid}/_history/{stored.version}"
+        prefer = request.headers.get("prefer", "").replace(" ", "")
+        if request.method in ("POST", "PUT", "PATCH") and stored is not None:
+            if "return=minimal" in prefer:
+                return Response(status_code=result.status, headers=headers)
+            if "return=OperationOutcome" in prefer:
+                outcome = operation_outcome([OutcomeIssue("information", "informational",
+                                                          f"Thành công / {request.method} {stored.rtype}/{stored.rid}"
+                                                          f" version {stored.version}")])
+                return self.json(request, result.status, orjson.dumps(outcome), headers)
+        if result.outcome is not None and result.body is None and result.resource is None:
+            return self.json(request, result.status, orjson.dumps(result.outcome), headers)
+        if request.method == "HEAD":
+            return Response(status_code=result.status, headers=headers, media_type=FHIR_JSON)
+        data = result.json_bytes()
+        params = dict(self.query(request))
+        summary, elements = params.get("_summary"), params.get("_elements")
+        if (summary or elements) and stored is not None and request.method == "GET" and data:
+            if summary not in (None, "true", "false", "text", "data"):
+                raise error(400, "invalid", "_summary không hợp lệ", "Invalid _summary")
+            data = orjson.dumps(shape(orjson.loads(data), summary, elements.split(",") if elements else None))
+        return self.json(request, result.status, data, headers)
+
+    @staticmethod
+    def json(request: Request, status: int, data: bytes, headers: dict[str, str] | None = None) -> Response:
+        pretty = request.query_params.get("_pretty") == "true"
+        if pretty and data:
+            data = orjson.dumps(orjson.loads(data), option=orjson.OPT_INDENT_2)
+        return Response(data, status_code=status, headers=headers, media_type=FHIR_JSON)
+
+    def capability(self, ctx: Context) -> dict[str, Any]:
+        if self._capability is None:
+            self._capability = capability_statement(self.service.registry, ctx.base_url)
+        return self._capability
+
+    # ---- endpoints -------------------------------------------------------------
+    async def metadata(self, request: Request) -> Response:
+        ctx = self.context(request)
+        cap = await run_in_threadpool(self.capability, ctx)
+        return self.json(request, 200, orjson.dumps(cap))
+
+    async def root(self, request: Request) -> Response:
+        ctx = self.context(request)
+        if request.method == "POST":
+            bundle = parse_json(await self.body(request))
+            result = await run_in_threadpool(self.bundles.process, ctx, bundle)
+            return self.respond(request, result, ctx)
+        params = self.query(request)
+        result = await run_in_threadpool(self.service.search, ctx, None, params)
+        return self.respond(request, result, ctx)
+
+    async def system_history(self, request: Request) -> Response:
+        ctx = self.context(request)
+        result = await run_in_threadpool(self.service.history, ctx, None, None, self.query(request))
+        return self.respond(request, result, ctx)
+
+    async def type_level(self, request: Request) -> Response:
+        ctx = self.context(request)
+        rtype = request.path_params["rtype"]
+        if rtype.startswith("$"):
+            return await self.system_operation(request, ctx, rtype)
+        svc = self.service
+        if request.method in ("GET", "HEAD"):
+            result = await run_in_threadpool(svc.search, ctx, rtype, self.query(request))
+        elif request.method == "POST":
+            resource = parse_resource(await self.body(request))
+            result = await run_in_threadpool(svc.create, ctx, rtype, resource, request.headers.get("if-none-exist"))
+        elif request.method == "PUT":
+            resource = parse_resource(await self.body(request))
+            if not request.url.query:
+                raise error(400, "invalid", "PUT cần id hoặc điều kiện", "PUT needs an id or search criteria")
+            result = await run_in_threadpool(svc.conditional_update, ctx, rtype, request.url.query, resource,
+                                             request.headers.get("if-match"))
+        elif request.method == "DELETE":
+            if not request.url.query:
+                raise error(400, "invalid", "DELETE cần id hoặc điều kiện", "DELETE needs an id or search criteria")
+            result = await run_in_threadpool(svc.conditional_delete, ctx, rtype, request.url.query)
+        else:
+            raise error(405, "not-supported", "Phương thức không hỗ trợ", f"{request.method} not allowed here")
+        return self.respond(request, result, ctx)
+
+    async def type_search_post(self, request: Request) -> Response:
+        ctx = self.context(request)
+        params = await self.form_or_query(request)
+        result = await run_in_threadpool(self.service.search, ctx, request.path_params["rtype"], params)
+        return self.respond(request, result, ctx)
+
+    async def type_history(self, request: Request) -> Response:
+        ctx = self.context(request)
+        result = await run_in_threadpool(self.service.history, ctx, request.path_params["rtype"], None,
+                                         self.query(request))
+        return self.respond(request, result, ctx)
+
+    async def instance(self, request: Request) -> Response:
+        ctx = self.context(request)
+        rtype, rid = request.path_params["rtype"], request.path_params["rid"]
+        if rid.startswith("$"):
+            return await self.type_operation(request, ctx, rtype, rid)
+        svc = self.service
+        if request.method in ("GET", "HEAD"):
+            result = await run_in_threadpool(svc.read, ctx, rtype, rid)
+        elif request.method == "PUT":
+            resource = parse_resource(await self.body(request))
+            result = await run_in_threadpool(svc.update, ctx, rtype, rid, resource, request.headers.get("if-match"))
+        elif request.method == "PATCH":
+            ctype = request.headers.get("content-type", "").split(";")[0].strip()
+            if ctype not in ("application/json-patch+json", "application/json"):
+                raise error(415, "not-supported", "Chỉ hỗ trợ JSON Patch",
+                            "PATCH needs Content-Type application/json-patch+json")
+            ops = parse_json(await self.body(request))
+            result = await run_in_threadpool(svc.patch, ctx, rtype, rid, ops, request.headers.get("if-match"))
+        elif request.method == "DELETE":
+            result = await run_in_threadpool(svc.delete, ctx, rtype, rid)
+        else:
+            raise error(405, "not-supported", "Phương thức không hỗ trợ", f"{request.method} not allowed here")
+        return self.respond(request, result, ctx)
+
+    async def instance_sub(self, request: Request) -> Response:
+        ctx = self.context(request)
+        rtype, rid, sub = request.path_params["rtype"], request.path_params["rid"], request.path_params["sub"]
+        svc = self.service
+        if sub == "_history":
+            result = await run_in_threadpool(svc.history, ctx, rtype, rid, self.query(request))
+        elif sub == "$everything" and rtype == "Patient":
+            params = self.query(request)
+            if request.method == "POST":
+                params += _parameters_to_pairs(parse_json(await self.body(request)))
+            result = await run_in_threadpool(svc.everything, ctx, rid, params)
+        elif sub == "$validate":
+            payload = parse_json(await self.body(request))
+            result = await run_in_threadpool(svc.validate_operation, ctx, rtype, payload, rid)
+        elif sub == "$meta":
+            result = await run_in_threadpool(svc.meta, ctx, rtype, rid)
+        elif sub in ("$meta-add", "$meta-delete") and request.method == "POST":
+            payload = parse_json(await self.body(request))
+            result = await run_in_threadpool(svc.meta_change, ctx, rtype, rid, payload, sub == "$meta-add")
+        else:
+            raise error(404, "not-supported", f"Không hỗ trợ '{sub}'", f"'{sub}' is not supported on {rtype}")
+        return self.respond(request, result, ctx)
+
+    async def vread(self, request: Request) -> Response:
+        ctx = self.context(request)
+        p = request.path_params
+        if p.get("op") == "$meta":
+            result = await run_in_threadpool(self.service.meta, ctx, p["rtype"], p["rid"], p["vid"])
+        else:
+            result = await run_in_threadpool(self.service.vread, ctx, p["rtype"], p["rid"], p["vid"])
+        return self.respond(request, result, ctx)
+
+    async def type_operation(self, request: Request, ctx: Context, rtype: str, op: str) -> Response:
+        svc = self.service
+        svc.check_type(rtype)
+        if op == "$validate" and request.method == "POST":
+            payload = parse_json(await self.body(request))
+            result = await run_in_threadpool(svc.validate_operation, ctx, rtype, payload)
+        elif op == "$meta":
+            result = await run_in_threadpool(svc.meta, ctx, rtype, None)
+        elif op == "$export" and rtype == "Patient":
+            return await self.export_kickoff(request, ctx, "patient")
+        else:
+            raise error(404, "not-supported", f"Không hỗ trợ '{op}'", f"Operation '{op}' is not supported on {rtype}")
+        return self.respond(request, result, ctx)
+
+    async def system_operation(self, request: Request, ctx: Context, op: str) -> Response:
+        if op == "$export":
+            return await self.export_kickoff(request, ctx, "system")
+        if op == "$meta":
+            result = await run_in_threadpool(self.service.meta, ctx, None, None)
+            return self.respond(request, result, ctx)
+        if op == "$export-poll-status":
+            job = request.query_params.get("_jobId", "")
+            if request.method == "DELETE":
+                await run_in_threadpool(self.exports.cancel, job)
+                return Response(status_code=202)
+            status, manifest, headers = await run_in_threadpool(self.exports.status, ctx, job)
+            if manifest is None:
+                return Response(status_code=status, headers=headers)
+            return Response(orjson.dumps(manifest), status_code=200, media_type="application/json")
+        raise error(404, "not-supported", f"Không hỗ trợ '{op}'", f"Operation '{op}' is not supported")
+
+    async def export_kickoff(self, request: Request, ctx: Context, level: str) -> Response:
+        if request.headers.get("prefer", "").replace(" ", "").find("respond-async") < 0:
+            raise error(400, "invalid", "$export cần Prefer: respond-async", "$export requires Prefer: respond-async")
+        params = self.query(request)
+        if request.method == "POST":
+            raw = await self.body(request)
+            if raw:
+                params += _parameters_to_pairs(parse_json(raw))
+        job = await run_in_threadpool(self.exports.start, ctx, level, params)
+        return Response(status_code=202, headers={"Content-Location": f"{ctx.base_url}/$export-poll-status?_jobId={job}"})
+
+    async def export_file(self, request: Request) -> Response:
+        data = await run_in_threadpool(self.exports.file, request.path_params["job"], request.path_params["name"])
+        return Response(data, media_type="application/fhir+ndjson")
+
+
+def _parameters_to_pairs(payload: Any) -> list[tuple[str, str]]:
+    """Flatten a Parameters resource of primitive values into query pairs."""
+    if not isinstance(payload, dict) or payload.get("resourceType") != "Parameters":
+        raise error(400, "invalid", "Cần tài nguyên Parameters", "Expected a Parameters resource")
+    pairs = []
+    for p in payload.get("parameter", []):
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
+            raise error(400, "invalid", "Tham số không hợp lệ", "Invalid parameter entry")
+        values = [v for k, v in p.items() if k.startswith("value")]
+        if len(values) != 1 or isinstance(values[0], dict | list):
+            raise error(400, "invalid", f"Tham số '{p['name']}' cần một giá trị đơn",
+                        f"Parameter '{p['name']}' needs one primitive value")
+        pairs.append((p["name"], str(values[0]).lower() if isinstance(values[0], bool) else str(values[0])))
+    return pairs
+
+
+def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Content negotiation first: XML is refused with 406 until it is implemented."""
+
+    async def wrapped(request: Request) -> Response:
+        fmt = request.query_params.get("_format")
+        accept = request.headers.get("accept", "")
+        if fmt is not None:
+            if fmt.split(";")[0].strip() in _XML_TYPES:
+                raise error(406, "not-supported", "Chưa hỗ trợ XML", "XML is not supported yet; use _format=json")
+            if fmt.split(";")[0].strip() not in _JSON_TYPES:
+                raise error(406, "not-supported", "Định dạng không hỗ trợ", f"Unsupported _format '{fmt[:40]}'")
+        elif accept and not _accepts_json(accept):
+            raise error(406, "not-supported", "Chưa hỗ trợ định dạng này",
+                        "Only application/fhir+json is supported (XML not yet)")
+        return await handler(request)
+
+    return wrapped
+
+
+def _accepts_json(accept: str) -> bool:
+    for part in accept.split(","):
+        media = part.split(";")[0].strip().lower()
+        if media in ("*/*", "application/*", "application/fhir+ndjson", "application/ndjson") or media in _JSON_TYPES:
+            return True
+    return False
+
+
+async def _fhir_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FhirError)
+    return Response(orjson.dumps(exc.outcome()), status_code=exc.status, headers=exc.headers or None,
+                    media_type=FHIR_JSON)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = "not-found" if exc.status_code == 404 else "not-supported"
+    outcome = operation_outcome([OutcomeIssue("error", code, f"{exc.detail} ({request.method} {request.url.path})")])
+    return Response(orjson.dumps(outcome), status_code=exc.status_code, media_type=FHIR_JSON)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    outcome = operation_outcome([OutcomeIssue("fatal", "exception",
+                                              "Lỗi máy chủ, đã ghi nhật ký / Internal error; it has been logged")])
+    return Response(orjson.dumps(outcome), status_code=500, media_type=FHIR_JSON)
+
+
+def routes(api: FhirApi, prefix: str = "/fhir") -> list[Route]:
+    g = _guard
+    return [
+        Route(f"{prefix}/metadata", g(api.metadata), methods=["GET"]),
+        Route(f"{prefix}", g(api.root), methods=["GET", "POST"]),
+        Route(f"{prefix}/", g(api.root), methods=["GET", "POST"]),
+        Route(f"{prefix}/_history", g(api.system_history), methods=["GET"]),
+        Route(f"{prefix}/$export-file/{{job}}/{{name}}", g(api.export_file), methods=["GET"]),
+        Route(f"{prefix}/{{rtype}}", g(api.type_level), methods=["GET", "HEAD", "POST", "PUT", "DELETE"]),
+        Route(f"{prefix}/{{rtype}}/_search", g(api.type_search_post), methods=["POST"]),
+        Route(f"{prefix}/{{rtype}}/_history", g(api.type_history), methods=["GET"]),
+        Route(f"{prefix}/{{rtype}}/{{rid}}", g(api.instance), methods=["GET", "HEAD", "PUT", "PATCH", "DELETE", "POST"]),
+        Route(f"{prefix}/{{rtype}}/{{rid}}/_history/{{vid}}", g(api.vread), methods=["GET", "HEAD"]),
+        Route(f"{prefix}/{{rtype}}/{{rid}}/_history/{{vid}}/{{op}}", g(api.vread), methods=["GET", "POST"]),
+        Route(f"{prefix}/{{rtype}}/{{rid}}/{{sub}}", g(api.instance_sub), methods=["GET", "POST"]),
+    ]
+
+
+EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    FhirError: _fhir_error,
+    HTTPException: _http_error,
+    Exception: _unexpected,
+}
+
+
+def build_app(service: FhirService, settings: ApiSettings | None = None) -> Starlette:
+    api = FhirApi(service, settings or ApiSettings())
+    app = Starlette(routes=routes(api), exception_handlers=EXCEPTION_HANDLERS)
+    app.state.api = api
+    api.exports.resume()
+    return app

@@ -1,0 +1,287 @@
+"""Versioned resource storage: one `Store` is one database transaction.
+
+Why: FHIR's guarantees (versions kept, logical delete, atomic transactions,
+optimistic locking with If-Match) are storage guarantees, so they live here and
+nowhere else. New resources are buffered and written with multi-row inserts
+when the transaction needs to read or ends, which is what makes bundle ingest
+fast; updates take a row lock (PostgreSQL) or the write lock (SQLite) first, so
+two writers can never both win.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Engine, delete, false, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from lienthong.fhir.datetimes import format_instant, now_us
+from lienthong.fhir.outcome import FhirError, error
+from lienthong.fhir.search_params import IndexRows, SearchRegistry
+from lienthong.storage import schema
+from lienthong.storage.engine import is_sqlite
+
+JSON = dict[str, Any]
+
+
+@dataclass(slots=True)
+class Stored:
+    """One version of a resource as stored."""
+
+    res_pk: int
+    rtype: str
+    rid: str
+    version: int
+    last_updated: int
+    deleted: bool
+    body: bytes | None
+    method: str = "PUT"
+
+    def resource(self) -> JSON:
+        if not self.body:
+            raise error(410, "deleted", "Tài nguyên đã bị xoá", f"{self.rtype}/{self.rid} is deleted")
+        data: JSON = orjson.loads(self.body)
+        return data
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Database:
+    """The engine plus the search registry used to index every write."""
+
+    def __init__(self, engine: Engine, registry: SearchRegistry) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.sqlite = is_sqlite(engine)
+
+    @contextmanager
+    def begin(self) -> Iterator[Store]:
+        """A write transaction: everything inside commits together or not at all."""
+        with self.engine.begin() as conn:
+            store = Store(conn, self)
+            yield store
+            store.flush()
+
+    @contextmanager
+    def read(self) -> Iterator[Store]:
+        """A read-only unit of work (no write lock on SQLite)."""
+        with self.engine.connect() as conn:
+            yield Store(conn, self)
+            conn.rollback()
+
+
+class Store:
+    """Operations inside one transaction."""
+
+    def __init__(self, conn: Connection, db: Database) -> None:
+        self.conn = conn
+        self.db = db
+        self.now = now_us()
+        self._pending: list[tuple[JSON, str, IndexRows, bytes]] = []  # new resource, method, index, body
+        self._pending_ids: set[tuple[str, str]] = set()
+
+    # ---- reads -------------------------------------------------------------
+    def current(self, rtype: str, rid: str, lock: bool = False) -> Stored | None:
+        """The current version (possibly a delete marker), or None if the id was never used."""
+        self.flush()
+        r, v = schema.resource, schema.resource_version
+        stmt = (
+            select(r.c.res_pk, r.c.rtype, r.c.rid, r.c.version, r.c.last_updated, r.c.deleted, v.c.body, v.c.method)
+            .join(v, (v.c.res_pk == r.c.res_pk) & (v.c.version == r.c.version))
+            .where(r.c.rtype == rtype, r.c.rid == rid)
+        )
+        if lock and not self.db.sqlite:
+            stmt = stmt.with_for_update(of=r)
+        row = self.conn.execute(stmt).first()
+        return Stored(*row) if row else None
+
+    def version(self, rtype: str, rid: str, version: int) -> Stored | None:
+        self.flush()
+        r, v = schema.resource, schema.resource_version
+        row = self.conn.execute(
+            select(r.c.res_pk, r.c.rtype, r.c.rid, v.c.version, v.c.last_updated, v.c.deleted, v.c.body, v.c.method)
+            .join(v, v.c.res_pk == r.c.res_pk)
+            .where(r.c.rtype == rtype, r.c.rid == rid, v.c.version == version)
+        ).first()
+        return Stored(*row) if row else None
+
+    def fetch(self, keys: Sequence[tuple[int, int]]) -> list[Stored]:
+        """Fetch exact versions by (res_pk, version), in the order given."""
+        self.flush()
+        if not keys:
+            return []
+        r, v = schema.resource, schema.resource_version
+        found: dict[tuple[int, int], Stored] = {}
+        for chunk_start in range(0, len(keys), 500):
+            chunk = keys[chunk_start : chunk_start + 500]
+            pks = list({k[0] for k in chunk})
+            rows = self.conn.execute(
+                select(r.c.res_pk, r.c.rtype, r.c.rid, v.c.version, v.c.last_updated, v.c.deleted, v.c.body, v.c.method)
+                .join(v, v.c.res_pk == r.c.res_pk)
+                .where(r.c.res_pk.in_(pks), v.c.version.in_(list({k[1] for k in chunk})))
+            )
+            for row in rows:
+                found[(row[0], row[3])] = Stored(*row)
+        return [found[k] for k in keys if k in found]
+
+    def fetch_current(self, refs: Sequence[tuple[str, str]]) -> list[Stored]:
+        """Current, non-deleted versions of (type, id) pairs; missing ones are skipped."""
+        self.flush()
+        if not refs:
+            return []
+        r, v = schema.resource, schema.resource_version
+        out: list[Stored] = []
+        by_type: dict[str, list[str]] = {}
+        for rtype, rid in refs:
+            by_type.setdefault(rtype, []).append(rid)
+        for rtype, ids in by_type.items():
+            for start in range(0, len(ids), 500):
+                rows = self.conn.execute(
+                    select(r.c.res_pk, r.c.rtype, r.c.rid, r.c.version, r.c.last_updated, r.c.deleted, v.c.body,
+                           v.c.method)
+                    .join(v, (v.c.res_pk == r.c.res_pk) & (v.c.version == r.c.version))
+                    .where(r.c.rtype == rtype, r.c.rid.in_(ids[start : start + 500]), r.c.deleted == false())
+                )
+                out.extend(Stored(*row) for row in rows)
+        return out
+
+    def exists(self, rtype: str, rid: str) -> bool:
+        if (rtype, rid) in self._pending_ids:
+            return True
+        r = schema.resource
+        return self.conn.execute(
+            select(r.c.res_pk).where(r.c.rtype == rtype, r.c.rid == rid, r.c.deleted == false())
+        ).first() is not None
+
+    # ---- writes ------------------------------------------------------------
+    def _stamp(self, resource: JSON, rid: str, version: int) -> bytes:
+        meta = dict(resource.get("meta") or {})
+        meta["versionId"] = str(version)
+        meta["lastUpdated"] = format_instant(self.now)
+        resource["id"] = rid
+        resource["meta"] = meta
+        return orjson.dumps(resource)
+
+    def create(self, resource: JSON, rid: str | None = None, method: str = "POST") -> Stored:
+        """Store a new resource (version 1). The insert is buffered until the next read or the end."""
+        rtype = resource["resourceType"]
+        rid = rid or new_id()
+        if (rtype, rid) in self._pending_ids:
+            raise error(409, "duplicate", f"Trùng định danh {rtype}/{rid}", f"Duplicate id {rtype}/{rid}")
+        body = self._stamp(resource, rid, 1)
+        rows = self.db.registry.extract(resource)
+        self._pending.append((resource, method, rows, body))
+        self._pending_ids.add((rtype, rid))
+        return Stored(0, rtype, rid, 1, self.now, False, body, method)
+
+    def flush(self) -> None:
+        """Write buffered new resources with multi-row inserts."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        self._pending_ids.clear()
+        r = schema.resource
+        try:
+            result = self.conn.execute(
+                insert(r).returning(r.c.res_pk, sort_by_parameter_order=True),
+                [
+                    {"rtype": res["resourceType"], "rid": res["id"], "version": 1,
+                     "last_updated": self.now, "deleted": False}
+                    for res, _, _, _ in pending
+                ],
+            )
+        except IntegrityError:
+            raise error(409, "duplicate", "Định danh đã tồn tại", "A resource with this id already exists") from None
+        pks = [row[0] for row in result]
+        self.conn.execute(
+            insert(schema.resource_version),
+            [
+                {"res_pk": pk, "version": 1, "rtype": res["resourceType"], "last_updated": self.now,
+                 "method": method, "deleted": False, "body": body}
+                for pk, (res, method, _, body) in zip(pks, pending, strict=True)
+            ],
+        )
+        self._insert_index([(pk, rows) for pk, (_, _, rows, _) in zip(pks, pending, strict=True)])
+
+    def _insert_index(self, items: list[tuple[int, IndexRows]]) -> None:
+        for kind, table in schema.INDEX_TABLES.items():
+            cols = [c.name for c in table.columns]
+            batch = [
+                dict(zip(cols, (pk, *row), strict=True)) for pk, rows in items for row in getattr(rows, kind)
+            ]
+            if batch:
+                self.conn.execute(insert(table), batch)
+
+    def _delete_index(self, res_pk: int) -> None:
+        for table in schema.INDEX_TABLES.values():
+            self.conn.execute(delete(table).where(table.c.res_pk == res_pk))
+
+    def write(self, current: Stored, resource: JSON | None, method: str) -> Stored:
+        """Write a new version after `current` (which the caller read with lock=True)."""
+        new_version = current.version + 1
+        deleted = resource is None
+        body = None if resource is None else self._stamp(resource, current.rid, new_version)
+        r = schema.resource
+        changed = self.conn.execute(
+            update(r)
+            .where(r.c.res_pk == current.res_pk, r.c.version == current.version)
+            .values(version=new_version, last_updated=self.now, deleted=deleted)
+        ).rowcount
+        if changed != 1:
+            raise error(412, "conflict", "Xung đột phiên bản", f"Version conflict on {current.rtype}/{current.rid}")
+        self.conn.execute(
+            insert(schema.resource_version).values(
+                res_pk=current.res_pk, version=new_version, rtype=current.rtype, last_updated=self.now,
+                method=method, deleted=deleted, body=body,
+            )
+        )
+        self._delete_index(current.res_pk)
+        if resource is not None:
+            self._insert_index([(current.res_pk, self.db.registry.extract(resource))])
+        return Stored(current.res_pk, current.rtype, current.rid, new_version, self.now, deleted, body, method)
+
+    def rewrite_meta(self, current: Stored, resource: JSON) -> Stored:
+        """$meta-add/$meta-delete: a new version whose only change is meta (tags, profiles, security)."""
+        return self.write(current, resource, "PUT")
+
+    # ---- history -----------------------------------------------------------
+    def history(
+        self, rtype: str | None, rid: str | None, since: int | None, at_most: int, before: int | None = None
+    ) -> tuple[list[Stored], int]:
+        """Versions newest first, and the total count."""
+        self.flush()
+        r, v = schema.resource, schema.resource_version
+        cond = []
+        if rtype is not None:
+            cond.append(v.c.rtype == rtype)
+        if rid is not None:
+            cond.append(r.c.rid == rid)
+        if since is not None:
+            cond.append(v.c.last_updated >= since)
+        if before is not None:
+            cond.append(v.c.last_updated <= before)
+        base = select(r.c.res_pk, r.c.rtype, r.c.rid, v.c.version, v.c.last_updated, v.c.deleted, v.c.body,
+                      v.c.method).join(r, r.c.res_pk == v.c.res_pk).where(*cond)
+        total = self.conn.execute(
+            select(func.count()).select_from(v).join(r, r.c.res_pk == v.c.res_pk).where(*cond)
+        ).scalar_one()
+        rows = self.conn.execute(
+            base.order_by(v.c.last_updated.desc(), v.c.res_pk.desc(), v.c.version.desc()).limit(at_most)
+        )
+        return [Stored(*row) for row in rows], int(total)
+
+    # ---- search --------------------------------------------------------------
+    def execute(self, stmt: Any) -> Any:
+        self.flush()
+        return self.conn.execute(stmt)

@@ -1,0 +1,177 @@
+"""The relational schema: versioned resources plus one index table per search-parameter type.
+
+Why this shape (after HAPI JPA and Blaze): every version is kept in
+`resource_version` (nothing is overwritten, deletes are logical), `resource`
+points at the current version, and search runs on narrow typed index tables
+keyed by a 64-bit parameter key. The same schema serves SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL wants a BIGINT identity.
+PK = BigInteger().with_variant(Integer(), "sqlite")
+
+resource = Table(
+    "resource",
+    metadata,
+    Column("res_pk", PK, primary_key=True, autoincrement=True),
+    Column("rtype", String(64), nullable=False),
+    Column("rid", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("last_updated", BigInteger, nullable=False),  # microseconds since epoch, UTC
+    Column("deleted", Boolean, nullable=False, default=False),
+    Index("ux_resource_type_id", "rtype", "rid", unique=True),
+    Index("ix_resource_type_updated", "rtype", "last_updated"),
+)
+
+resource_version = Table(
+    "resource_version",
+    metadata,
+    Column("res_pk", PK, ForeignKey("resource.res_pk"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("rtype", String(64), nullable=False),
+    Column("last_updated", BigInteger, nullable=False),
+    Column("method", String(8), nullable=False),  # POST, PUT, PATCH, DELETE
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("body", LargeBinary, nullable=True),  # the stored JSON, meta included; empty for a delete
+    Index("ix_version_updated", "last_updated"),
+    Index("ix_version_type_updated", "rtype", "last_updated"),
+)
+
+
+def _index_table(
+    name: str, *columns: Column[object], indexes: list[tuple[str, ...]], pattern: tuple[str, ...] = ()
+) -> Table:
+    table = Table(
+        name,
+        metadata,
+        Column("res_pk", PK, nullable=False),
+        Column("pkey", BigInteger, nullable=False),
+        Column("grp", SmallInteger, nullable=True),  # element ordinal, pairs composite components
+        *columns,
+        Index(f"ix_{name}_res", "res_pk"),
+    )
+    for cols in indexes:
+        # PostgreSQL needs text_pattern_ops for LIKE 'prefix%' to use the index under any collation.
+        ops = {c: "text_pattern_ops" for c in cols if c in pattern}
+        Index(f"ix_{name}_{'_'.join(cols)}", *[table.c[c] for c in cols], postgresql_ops=ops)
+    return table
+
+
+sp_string = _index_table(
+    "sp_string",
+    Column("norm", String(255), nullable=False),  # folded: lower case, no diacritics
+    Column("exact", String(255), nullable=False),
+    indexes=[("pkey", "norm")],
+    pattern=("norm",),
+)
+sp_token = _index_table(
+    "sp_token",
+    Column("system", String(255), nullable=True),
+    Column("code", String(255), nullable=True),
+    Column("text", String(255), nullable=True),
+    indexes=[("pkey", "code", "system"), ("pkey", "text")],
+    pattern=("text",),
+)
+sp_date = _index_table(
+    "sp_date",
+    Column("lo", BigInteger, nullable=False),
+    Column("hi", BigInteger, nullable=False),
+    indexes=[("pkey", "lo"), ("pkey", "hi")],
+)
+sp_number = _index_table(
+    "sp_number",
+    Column("value", Float, nullable=False),
+    indexes=[("pkey", "value")],
+)
+sp_quantity = _index_table(
+    "sp_quantity",
+    Column("value", Float, nullable=False),
+    Column("system", String(255), nullable=True),
+    Column("code", String(255), nullable=True),
+    Column("unit", String(255), nullable=True),
+    indexes=[("pkey", "value")],
+)
+sp_uri = _index_table(
+    "sp_uri",
+    Column("uri", String(255), nullable=False),
+    indexes=[("pkey", "uri")],
+)
+sp_reference = _index_table(
+    "sp_reference",
+    Column("target_type", String(64), nullable=True),
+    Column("target_id", String(64), nullable=True),
+    Column("url", String(255), nullable=True),
+    indexes=[("pkey", "target_id", "target_type"), ("target_id", "target_type")],
+)
+
+INDEX_TABLES = {
+    "string": sp_string,
+    "token": sp_token,
+    "date": sp_date,
+    "number": sp_number,
+    "quantity": sp_quantity,
+    "uri": sp_uri,
+    "reference": sp_reference,
+}
+
+# Search result snapshots: paging stays stable while others write.
+search_set = Table(
+    "search_set",
+    metadata,
+    Column("sid", String(40), primary_key=True),
+    Column("created", BigInteger, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("query", Text, nullable=False),  # the canonical self link, for rebuilding links
+    Index("ix_search_set_created", "created"),
+)
+search_entry = Table(
+    "search_entry",
+    metadata,
+    Column("sid", String(40), ForeignKey("search_set.sid", ondelete="CASCADE"), primary_key=True),
+    Column("ord", Integer, primary_key=True),
+    Column("res_pk", PK, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("mode", String(8), nullable=False),  # match | include
+)
+
+# Bulk Data export jobs and their NDJSON files.
+export_job = Table(
+    "export_job",
+    metadata,
+    Column("job_id", String(40), primary_key=True),
+    Column("status", String(16), nullable=False),  # accepted, running, completed, failed, cancelled
+    Column("request", Text, nullable=False),
+    Column("created", BigInteger, nullable=False),
+    Column("transaction_time", BigInteger, nullable=False),
+    Column("finished", BigInteger, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("owner", String(128), nullable=True),
+)
+export_file = Table(
+    "export_file",
+    metadata,
+    Column("job_id", String(40), ForeignKey("export_job.job_id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(128), primary_key=True),
+    Column("rtype", String(64), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+)
