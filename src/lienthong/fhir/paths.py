@@ -125,10 +125,23 @@ def _shape_is(value: Any, type_name: str) -> bool:
 
 
 def _name_step(name: str) -> Step:
+    choice = name in CHOICE_NAMES
+
     def step(nodes: list[Node]) -> list[Node]:
+        # Hot path of indexing: inlined rather than calling _children per node.
         out: list[Node] = []
         for n in nodes:
-            out.extend(_children(n, name))
+            value = n.value
+            if type(value) is not dict:
+                continue
+            child = value.get(name)
+            if child is not None:
+                if type(child) is list:
+                    out.extend([Node(item) for item in child])
+                else:
+                    out.append(Node(child))
+            elif choice:
+                out.extend(_children(n, name))
         return out
 
     return step

@@ -147,10 +147,10 @@ class SearchRegistry:
         present = set(resource)
         present.update(CHOICE_KEYS[k][0] for k in resource if k in CHOICE_KEYS)
         for param in self.by_type.get(resource.get("resourceType", ""), {}).values():
-            nodes = [
-                n for path in param.paths if path.first is None or path.first in present
-                for n in path.evaluate(resource)
-            ]
+            nodes: list[Node] = []
+            for path in param.paths:
+                if path.first is None or path.first in present:
+                    nodes.extend(path.evaluate(resource))
             if not nodes:
                 continue
             if param.type == "composite":

@@ -9,6 +9,7 @@ in its own transaction and reports each outcome.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -205,7 +206,7 @@ class BundleProcessor:
 
         for e in entries:
             if isinstance(e.get("resource"), dict):
-                e["resource"] = _walk_refs(e["resource"], resolve)
+                e["resource"] = _rewrite_refs(e["resource"], resolve)
 
     def _run_in(self, ctx: Context, store: Store, e: JSON) -> Result:
         svc = self.service
@@ -290,6 +291,25 @@ def _patch_ops(entry: JSON) -> Any:
             raise error(400, "invalid", "Binary không chứa JSON Patch", "Binary does not hold a JSON Patch") from None
     raise error(400, "invalid", "PATCH trong Bundle cần Binary chứa JSON Patch",
                 "A PATCH entry needs a Binary resource holding a JSON Patch document")
+
+
+_REF_RE = re.compile(rb'"reference":"((?:[^"\\]|\\.)*)"')
+
+
+def _rewrite_refs(resource: JSON, resolve: Any) -> JSON:
+    """Rewrite every Reference.reference; done on the serialised bytes, which is several times faster
+    than walking the tree in Python. Keys are exact JSON keys, so text that merely mentions a
+    reference is untouched."""
+    raw = orjson.dumps(resource)
+    if b'"reference":' not in raw:
+        return resource
+
+    def swap(match: re.Match[bytes]) -> bytes:
+        old = orjson.loads(b'"' + match.group(1) + b'"')
+        new = resolve(old)
+        return match.group(0) if new == old else b'"reference":' + orjson.dumps(new)
+
+    return dict(orjson.loads(_REF_RE.sub(swap, raw)))
 
 
 def _walk_refs(node: Any, resolve: Any) -> Any:

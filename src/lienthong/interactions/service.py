@@ -302,7 +302,7 @@ class FhirService:
             entry: JSON = {"fullUrl": f"{ctx.base_url}/{url}"}
             if v.body:
                 entry["resource"] = orjson.Fragment(v.body)
-            entry["request"] = {"method": v.method, "url": url if v.method == "POST" else url}
+            entry["request"] = {"method": v.method, "url": v.rtype if v.method == "POST" else url}
             entry["response"] = {"status": "200 OK" if not v.deleted else "204 No Content",
                                  "etag": v.etag, "lastModified": format_instant(v.last_updated)}
             entries.append(entry)

@@ -88,6 +88,7 @@ class Store:
         self.conn = conn
         self.db = db
         self.now = now_us()
+        self.now_text = format_instant(self.now)
         self._pending: list[tuple[JSON, str, IndexRows, bytes]] = []  # new resource, method, index, body
         self._pending_ids: set[tuple[str, str]] = set()
 
@@ -168,7 +169,7 @@ class Store:
     def _stamp(self, resource: JSON, rid: str, version: int) -> bytes:
         meta = dict(resource.get("meta") or {})
         meta["versionId"] = str(version)
-        meta["lastUpdated"] = format_instant(self.now)
+        meta["lastUpdated"] = self.now_text
         resource["id"] = rid
         resource["meta"] = meta
         return orjson.dumps(resource)
@@ -186,42 +187,67 @@ class Store:
         return Stored(0, rtype, rid, 1, self.now, False, body, method)
 
     def flush(self) -> None:
-        """Write buffered new resources with multi-row inserts."""
+        """Write buffered new resources in bulk (COPY on PostgreSQL, executemany on SQLite)."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
         self._pending_ids.clear()
-        r = schema.resource
+        pks = self._allocate_pks(len(pending))
         try:
-            result = self.conn.execute(
-                insert(r).returning(r.c.res_pk, sort_by_parameter_order=True),
-                [
-                    {"rtype": res["resourceType"], "rid": res["id"], "version": 1,
-                     "last_updated": self.now, "deleted": False}
-                    for res, _, _, _ in pending
-                ],
-            )
+            self._bulk("resource", ("res_pk", "rtype", "rid", "version", "last_updated", "deleted"),
+                       [(pk, res["resourceType"], res["id"], 1, self.now, False)
+                        for pk, (res, _, _, _) in zip(pks, pending, strict=True)])
         except IntegrityError:
             raise error(409, "duplicate", "Định danh đã tồn tại", "A resource with this id already exists") from None
-        pks = [row[0] for row in result]
-        self.conn.execute(
-            insert(schema.resource_version),
-            [
-                {"res_pk": pk, "version": 1, "rtype": res["resourceType"], "last_updated": self.now,
-                 "method": method, "deleted": False, "body": body}
-                for pk, (res, method, _, body) in zip(pks, pending, strict=True)
-            ],
-        )
+        self._bulk("resource_version", ("res_pk", "version", "rtype", "last_updated", "method", "deleted", "body"),
+                   [(pk, 1, res["resourceType"], self.now, method, False, body)
+                    for pk, (res, method, _, body) in zip(pks, pending, strict=True)])
         self._insert_index([(pk, rows) for pk, (_, _, rows, _) in zip(pks, pending, strict=True)])
+
+    def _allocate_pks(self, n: int) -> list[int]:
+        """Reserve primary keys up front so every table can be bulk-written without RETURNING."""
+        if self.db.sqlite:
+            # The transaction holds SQLite's write lock (BEGIN IMMEDIATE), so max+1 cannot race.
+            top = self.conn.exec_driver_sql("SELECT COALESCE(MAX(res_pk), 0) FROM resource").scalar_one()
+            return list(range(int(top) + 1, int(top) + 1 + n))
+        rows = self.conn.exec_driver_sql(
+            "SELECT nextval(pg_get_serial_sequence('resource', 'res_pk')) FROM generate_series(1, %(n)s)",
+            {"n": n},
+        ).all()
+        return [int(r[0]) for r in rows]
+
+    def _bulk(self, table: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+        """Insert many rows through the driver, skipping per-row SQL compilation."""
+        if not rows:
+            return
+        cols = ", ".join(columns)
+        raw = self.conn.connection.driver_connection
+        assert raw is not None
+        if self.db.sqlite:
+            marks = ", ".join("?" * len(columns))
+            cur = raw.cursor()
+            try:
+                cur.executemany(f"INSERT INTO {table} ({cols}) VALUES ({marks})", rows)
+            except Exception as exc:
+                if "UNIQUE" in str(exc):
+                    raise IntegrityError(str(exc), None, exc) from exc
+                raise
+            finally:
+                cur.close()
+            return
+        import psycopg
+
+        try:
+            with raw.cursor() as cur, cur.copy(f"COPY {table} ({cols}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        except psycopg.errors.UniqueViolation as exc:
+            raise IntegrityError(str(exc), None, exc) from exc
 
     def _insert_index(self, items: list[tuple[int, IndexRows]]) -> None:
         for kind, table in schema.INDEX_TABLES.items():
-            cols = [c.name for c in table.columns]
-            batch = [
-                dict(zip(cols, (pk, *row), strict=True)) for pk, rows in items for row in getattr(rows, kind)
-            ]
-            if batch:
-                self.conn.execute(insert(table), batch)
+            columns = tuple(c.name for c in table.columns)
+            self._bulk(table.name, columns, [(pk, *row) for pk, rows in items for row in getattr(rows, kind)])
 
     def _delete_index(self, res_pk: int) -> None:
         for table in schema.INDEX_TABLES.values():

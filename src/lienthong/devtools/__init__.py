@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and demos; never imported by the node itself."""
