@@ -65,7 +65,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def client(db_url: str) -> Iterator[TestClient]:
     from lienthong.node import create_app
 
-    app = create_app(db_url)
+    app = create_app(db_url, secure=False)
     with TestClient(app, base_url="http://testserver") as c:
         yield c
     app.state.api.service.db.engine.dispose()

@@ -1,4 +1,4 @@
-"""Composition root: wire storage, search registry, interactions and HTTP into a running node.
+"""Composition root: wire storage, search registry, interactions, security and HTTP into a running node.
 
 Why a separate module: the layers below never construct each other; only this
 module (and the CLI that calls it) knows the whole assembly.
@@ -6,11 +6,18 @@ module (and the CLI that calls it) knows the whole assembly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from starlette.applications import Starlette
 
 from lienthong.api.app import ApiSettings, build_app
 from lienthong.fhir.search_params import registry
 from lienthong.interactions.service import FhirService
+from lienthong.security.accounts import Accounts
+from lienthong.security.audit import AuditTrail
+from lienthong.security.authn import Authenticator
+from lienthong.security.policy import AccessGuard
+from lienthong.security.tokens import TokenService
 from lienthong.storage import migrate
 from lienthong.storage.engine import make_engine
 from lienthong.storage.repository import Database
@@ -24,5 +31,39 @@ def open_database(url: str | None = None, upgrade: bool = True) -> Database:
     return Database(engine, registry())
 
 
-def create_app(url: str | None = None, settings: ApiSettings | None = None) -> Starlette:
-    return build_app(FhirService(open_database(url)), settings)
+@dataclass
+class Node:
+    """A wired node: the service every entry point uses, and its security parts (None when open)."""
+
+    db: Database
+    service: FhirService
+    auth: Authenticator | None
+
+    @property
+    def accounts(self) -> Accounts:
+        return Accounts(self.db.engine)
+
+
+def token_audience(settings: ApiSettings) -> str:
+    return settings.public_base_url or f"urn:lienthong:fhir:{settings.node_name}"
+
+
+def build_node(db: Database, settings: ApiSettings, secure: bool = True) -> Node:
+    service = FhirService(db)
+    if not secure:
+        return Node(db, service, None)
+    audit = AuditTrail(db.engine, settings.node_name)
+    guard = AccessGuard(db.registry, audit, service.compartment_params())
+    service.guard = guard
+    tokens = TokenService(db.engine, issuer=f"urn:lienthong:node:{settings.node_name}",
+                          audience=token_audience(settings))
+    return Node(db, service, Authenticator(db.engine, Accounts(db.engine), tokens, guard))
+
+
+def create_app(url: str | None = None, settings: ApiSettings | None = None, secure: bool = True) -> Starlette:
+    """The ASGI app of a node. `secure=False` is the explicit, local-only `--insecure-dev` mode."""
+    settings = settings or ApiSettings()
+    node = build_node(open_database(url), settings, secure)
+    app = build_app(node.service, settings, node.auth)
+    app.state.node = node
+    return app

@@ -30,7 +30,9 @@ from lienthong.interactions.bundles import BundleProcessor
 from lienthong.interactions.capability import capability_statement
 from lienthong.interactions.context import Context
 from lienthong.interactions.export import ExportManager
+from lienthong.interactions.guard import AuditFacts
 from lienthong.interactions.service import FhirService, Result
+from lienthong.security.authn import Authenticator
 
 log = logging.getLogger("lienthong.api")
 
@@ -43,27 +45,38 @@ _XML_TYPES = ("application/fhir+xml", "application/xml", "xml", "text/xml", "fhi
 class ApiSettings:
     max_body_bytes: int = 32 * 1024 * 1024
     public_base_url: str | None = None  # e.g. https://node.example.vn/fhir behind a proxy
+    node_name: str = "lienthong"  # shown as the audit source
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none by default
 
 
 class FhirApi:
     """Request handlers bound to one service."""
 
-    def __init__(self, service: FhirService, settings: ApiSettings) -> None:
+    def __init__(self, service: FhirService, settings: ApiSettings, auth: Authenticator | None = None) -> None:
         self.service = service
         self.settings = settings
+        self.auth = auth
         self.bundles = BundleProcessor(service)
         self.exports = ExportManager(service)
         self._capability: dict[str, Any] | None = None
 
     # ---- plumbing --------------------------------------------------------------
-    def context(self, request: Request) -> Context:
+    def base_context(self, request: Request) -> Context:
         base = self.settings.public_base_url or str(request.base_url).rstrip("/") + "/fhir"
         prefer = request.headers.get("prefer", "")
         return Context(
             base_url=base,
             strict="handling=strict" in prefer.replace(" ", ""),
             address=request.client.host if request.client else None,
+            extra={"node": self.settings.node_name},
         )
+
+    async def context(self, request: Request) -> Context:
+        """The request context with the authenticated principal (401 when authentication is on and fails)."""
+        ctx = self.base_context(request)
+        if self.auth is not None:
+            ctx.principal = await run_in_threadpool(self.auth.principal, ctx, request.headers.get("authorization"))
+        return ctx
 
     async def body(self, request: Request) -> bytes:
         length = request.headers.get("content-length")
@@ -136,12 +149,12 @@ class FhirApi:
 
     # ---- endpoints -------------------------------------------------------------
     async def metadata(self, request: Request) -> Response:
-        ctx = self.context(request)
+        ctx = self.base_context(request)
         cap = await run_in_threadpool(self.capability, ctx)
         return self.json(request, 200, orjson.dumps(cap))
 
     async def root(self, request: Request) -> Response:
-        ctx = self.context(request)
+        ctx = await self.context(request)
         if request.method == "POST":
             bundle = parse_json(await self.body(request))
             result = await run_in_threadpool(self.bundles.process, ctx, bundle)
@@ -151,12 +164,12 @@ class FhirApi:
         return self.respond(request, result, ctx)
 
     async def system_history(self, request: Request) -> Response:
-        ctx = self.context(request)
+        ctx = await self.context(request)
         result = await run_in_threadpool(self.service.history, ctx, None, None, self.query(request))
         return self.respond(request, result, ctx)
 
     async def type_level(self, request: Request) -> Response:
-        ctx = self.context(request)
+        ctx = await self.context(request)
         rtype = request.path_params["rtype"]
         if rtype.startswith("$"):
             return await self.system_operation(request, ctx, rtype)
@@ -181,19 +194,19 @@ class FhirApi:
         return self.respond(request, result, ctx)
 
     async def type_search_post(self, request: Request) -> Response:
-        ctx = self.context(request)
+        ctx = await self.context(request)
         params = await self.form_or_query(request)
         result = await run_in_threadpool(self.service.search, ctx, request.path_params["rtype"], params)
         return self.respond(request, result, ctx)
 
     async def type_history(self, request: Request) -> Response:
-        ctx = self.context(request)
+        ctx = await self.context(request)
         result = await run_in_threadpool(self.service.history, ctx, request.path_params["rtype"], None,
                                          self.query(request))
         return self.respond(request, result, ctx)
 
     async def instance(self, request: Request) -> Response:
-        ctx = self.context(request)
+        ctx = await self.context(request)
         rtype, rid = request.path_params["rtype"], request.path_params["rid"]
         if rid.startswith("$"):
             return await self.type_operation(request, ctx, rtype, rid)
@@ -217,7 +230,7 @@ class FhirApi:
         return self.respond(request, result, ctx)
 
     async def instance_sub(self, request: Request) -> Response:
-        ctx = self.context(request)
+        ctx = await self.context(request)
         rtype, rid, sub = request.path_params["rtype"], request.path_params["rid"], request.path_params["sub"]
         svc = self.service
         if sub == "_history":
@@ -232,6 +245,14 @@ class FhirApi:
             result = await run_in_threadpool(svc.validate_operation, ctx, rtype, payload, rid)
         elif sub == "$meta":
             result = await run_in_threadpool(svc.meta, ctx, rtype, rid)
+        elif sub == "$break-glass" and rtype == "Patient" and request.method == "POST" and self.auth is not None:
+            pairs = dict(_parameters_to_pairs(parse_json(await self.body(request))))
+            self.service.check_id(rid)
+            grant = await run_in_threadpool(self.auth.break_glass, ctx, rid, pairs.get("reason", ""))
+            return self.json(request, 200, orjson.dumps({"resourceType": "Parameters", "parameter": [
+                {"name": k, "valueString" if isinstance(v, str) else "valueInteger": v} for k, v in grant.items()]}))
+        elif sub == "$access-report" and rtype == "Patient" and self.auth is not None:
+            return await self.audit_bundle(request, ctx, {"patient": rid})
         elif sub in ("$meta-add", "$meta-delete") and request.method == "POST":
             payload = parse_json(await self.body(request))
             result = await run_in_threadpool(svc.meta_change, ctx, rtype, rid, payload, sub == "$meta-add")
@@ -240,7 +261,7 @@ class FhirApi:
         return self.respond(request, result, ctx)
 
     async def vread(self, request: Request) -> Response:
-        ctx = self.context(request)
+        ctx = await self.context(request)
         p = request.path_params
         if p.get("op") == "$meta":
             result = await run_in_threadpool(self.service.meta, ctx, p["rtype"], p["rid"], p["vid"])
@@ -268,16 +289,40 @@ class FhirApi:
         if op == "$meta":
             result = await run_in_threadpool(self.service.meta, ctx, None, None)
             return self.respond(request, result, ctx)
+        if op == "$audit" and self.auth is not None:
+            q = dict(self.query(request))
+            return await self.audit_bundle(request, ctx, {k: q[k] for k in ("patient", "actor", "since") if k in q})
         if op == "$export-poll-status":
             job = request.query_params.get("_jobId", "")
             if request.method == "DELETE":
-                await run_in_threadpool(self.exports.cancel, job)
+                await run_in_threadpool(self.exports.cancel, ctx, job)
                 return Response(status_code=202)
             status, manifest, headers = await run_in_threadpool(self.exports.status, ctx, job)
             if manifest is None:
                 return Response(status_code=status, headers=headers)
             return Response(orjson.dumps(manifest), status_code=200, media_type="application/json")
         raise error(404, "not-supported", f"Không hỗ trợ '{op}'", f"Operation '{op}' is not supported")
+
+    async def audit_bundle(self, request: Request, ctx: Context, query: dict[str, str]) -> Response:
+        """The audit trail as a Bundle of AuditEvent, for auditors only (who accessed this record, and when)."""
+        assert self.auth is not None
+        guard = self.auth.guard
+        guard.require(ctx, "audit_reader", "audit")
+        since = None
+        if "since" in query:
+            from lienthong.fhir.datetimes import DateFormatError, parse_range
+
+            try:
+                since = parse_range(query["since"].replace(" ", "+"))[0]
+            except DateFormatError:
+                raise error(400, "invalid", "since không hợp lệ", "Invalid since") from None
+        events = await run_in_threadpool(guard.audit.events, query.get("patient"), query.get("actor"), since)
+        guard.on_access(ctx, AuditFacts("operation", patients={query["patient"]} if "patient" in query else set(),
+                                        detail="audit trail read"))
+        bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(events),
+                  "entry": [{"fullUrl": f"urn:lienthong:audit:{e['id']}", "resource": e,
+                             "search": {"mode": "match"}} for e in events]}
+        return self.json(request, 200, orjson.dumps(bundle))
 
     async def export_kickoff(self, request: Request, ctx: Context, level: str) -> Response:
         if request.headers.get("prefer", "").replace(" ", "").find("respond-async") < 0:
@@ -291,7 +336,8 @@ class FhirApi:
         return Response(status_code=202, headers={"Content-Location": f"{ctx.base_url}/$export-poll-status?_jobId={job}"})
 
     async def export_file(self, request: Request) -> Response:
-        data = await run_in_threadpool(self.exports.file, request.path_params["job"], request.path_params["name"])
+        ctx = await self.context(request)
+        data = await run_in_threadpool(self.exports.file, ctx, request.path_params["job"], request.path_params["name"])
         return Response(data, media_type="application/fhir+ndjson")
 
 
@@ -383,9 +429,51 @@ EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]
 }
 
 
-def build_app(service: FhirService, settings: ApiSettings | None = None) -> Starlette:
-    api = FhirApi(service, settings or ApiSettings())
-    app = Starlette(routes=routes(api), exception_handlers=EXCEPTION_HANDLERS)
+def build_app(service: FhirService, settings: ApiSettings | None = None,
+              auth: Authenticator | None = None) -> Starlette:
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+
+    from lienthong.api.auth import AuthApi
+
+    settings = settings or ApiSettings()
+    api = FhirApi(service, settings, auth)
+    all_routes = routes(api)
+    if auth is not None:
+        all_routes = AuthApi(auth, api.base_context).routes() + all_routes
+    middleware = [Middleware(SecurityHeaders)]
+    if settings.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                                     allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                                     allow_headers=["Authorization", "Content-Type", "Prefer", "If-Match",
+                                                    "If-None-Exist"],
+                                     expose_headers=["Location", "ETag", "Content-Location", "Last-Modified"]))
+    app = Starlette(routes=all_routes, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware)
     app.state.api = api
     api.exports.resume()
     return app
+
+
+class SecurityHeaders:
+    """Security headers on every response; clinical data is never cached by browsers or proxies."""
+
+    _HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store"),
+                (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'")]
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [h for h in self._HEADERS if h[0] not in present]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

@@ -13,14 +13,15 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import jsonpatch
 import orjson
 
 from lienthong.fhir.datetimes import format_instant
 from lienthong.fhir.outcome import FhirError, OutcomeIssue, error
 from lienthong.interactions.context import Context
-from lienthong.interactions.service import FhirService, Result, _validate
-from lienthong.storage.repository import JSON, Store, new_id
-from lienthong.storage.search_sql import build_select
+from lienthong.interactions.guard import AuditFacts
+from lienthong.interactions.service import FhirService, Result
+from lienthong.storage.repository import JSON, Store, Stored, new_id
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 MAX_ENTRIES = 10_000
@@ -114,24 +115,26 @@ class BundleProcessor:
         for e in entries:
             if e["method"] in ("POST", "PUT") and isinstance(e["resource"], dict):
                 e["resource"] = dict(e["resource"])
+            path, _ = _split(e["url"])
+            svc.guard.authorize(ctx, _INTERACTION[e["method"]] if "/" in path or e["method"] != "GET" else "search",
+                                path.split("/")[0] if path else None)
         responses: dict[int, JSON] = {}
-        try:
-            with svc.db.begin() as store:
-                mapping = self._assign_ids(ctx, store, entries)
-                self._rewrite_references(ctx, store, entries, mapping)
-                for e in sorted(entries, key=lambda x: (_ORDER[x["method"]], x["index"])):
-                    try:
-                        result = self._run_in(ctx, store, e)
-                    except FhirError as exc:
-                        for issue in exc.issues:
-                            loc = f"Bundle.entry[{e['index']}]"
-                            exc_issue = OutcomeIssue(issue.severity, issue.code, issue.diagnostics,
-                                                     issue.expression or (loc,))
-                            exc.issues[exc.issues.index(issue)] = exc_issue
-                        raise
-                    responses[e["index"]] = _response_entry(ctx, result)
-        except FhirError:
-            raise
+        written: list[Stored] = []
+        with svc.db.begin() as store:
+            mapping = self._assign_ids(ctx, store, entries)
+            self._rewrite_references(ctx, store, entries, mapping)
+            for e in sorted(entries, key=lambda x: (_ORDER[x["method"]], x["index"])):
+                try:
+                    result = self._run_in(ctx, store, e, written)
+                except FhirError as exc:
+                    where = f"Bundle.entry[{e['index']}]"
+                    exc.issues = [OutcomeIssue(i.severity, i.code, i.diagnostics, i.expression or (where,))
+                                  for i in exc.issues]
+                    raise
+                responses[e["index"]] = _response_entry(ctx, result)
+            if written:
+                svc.guard.on_write(ctx, store, AuditFacts(
+                    "transaction", resources=[(w.rtype, w.rid) for w in written]), written)
         return [responses[e["index"]] for e in entries]
 
     def _assign_ids(self, ctx: Context, store: Store, entries: list[JSON]) -> dict[str, str]:
@@ -177,7 +180,7 @@ class BundleProcessor:
         if not params:
             raise error(400, "invalid", "Điều kiện rỗng", "Empty condition")
         parsed, _ = self.service.parser.parse(rtype, params, strict=True)
-        rows = store.execute(build_select(parsed).limit(2)).all()
+        rows = store.execute(self.service.select(ctx, parsed).limit(2)).all()
         return [(rtype, s.rid) for s in store.fetch([(r[0], r[1]) for r in rows])]
 
     def _rewrite_references(self, ctx: Context, store: Store, entries: list[JSON], mapping: dict[str, str]) -> None:
@@ -208,7 +211,13 @@ class BundleProcessor:
             if isinstance(e.get("resource"), dict):
                 e["resource"] = _rewrite_refs(e["resource"], resolve)
 
-    def _run_in(self, ctx: Context, store: Store, e: JSON) -> Result:
+    def _current_for_write(self, ctx: Context, store: Store, rtype: str, rid: str) -> Stored | None:
+        current = store.current(rtype, rid, lock=True)
+        if self.service._hidden(ctx, store, current, writing=True):
+            raise self.service._not_found(ctx, "transaction", rtype, rid)
+        return current
+
+    def _run_in(self, ctx: Context, store: Store, e: JSON, written: list[Stored]) -> Result:
         svc = self.service
         method = e["method"]
         path, query = _split(e["url"])
@@ -222,6 +231,7 @@ class BundleProcessor:
             resource = svc._prepare(e["resource"], parts[0], None)
             resource.pop("id", None)
             stored = store.create(resource, e["new_id"])
+            written.append(stored)
             return Result(201, stored, body=stored.body)
         if method == "PUT":
             rtype = parts[0]
@@ -234,50 +244,56 @@ class BundleProcessor:
             if "id" not in resource:
                 raise error(400, "required", "Thân cập nhật thiếu id", "An update body must carry the resource id")
             resource = svc._prepare(resource, rtype, rid)
-            return svc._update_in(store, rtype, rid, resource, e.get("ifMatch"))
+            result = svc._update_in(ctx, store, rtype, rid, resource, e.get("ifMatch"))
+            assert result.stored is not None
+            written.append(result.stored)
+            return result
         if method == "PATCH":
             if len(parts) != 2:
                 raise error(400, "not-supported", "PATCH cần Loại/id", "PATCH needs Type/id")
-            current = store.current(parts[0], parts[1], lock=True)
+            svc.check_type(parts[0])
+            svc.check_id(parts[1])
+            current = self._current_for_write(ctx, store, parts[0], parts[1])
             if current is None or current.deleted:
                 raise error(404, "not-found", "Không tìm thấy", f"{path} not found")
             svc._check_if_match(current, e.get("ifMatch"))
-            import jsonpatch
-
             try:
                 patched = jsonpatch.apply_patch(current.resource(), _patch_ops(e))
             except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, ValueError) as exc:
                 raise error(422, "processing", "Không áp dụng được JSON Patch", str(exc)) from None
             svc._prepare(patched, parts[0], parts[1])
             stored = store.write(current, patched, "PATCH")
+            written.append(stored)
             return Result(200, stored, body=stored.body)
         if method == "DELETE":
             if len(parts) == 2:
                 svc.check_type(parts[0])
                 svc.check_id(parts[1])
-                current = store.current(parts[0], parts[1], lock=True)
-                if current is None or current.deleted:
-                    return Result(204)
-                store.write(current, None, "DELETE")
-                return Result(204)
-            found = self._match(ctx, store, parts[0], query)
-            if len(found) > 1:
-                raise error(412, "multiple-matches", "Điều kiện xoá khớp nhiều tài nguyên",
-                            "Conditional delete matched more than one resource")
-            for rtype, rid in found:
-                current = store.current(rtype, rid, lock=True)
+                targets = [(parts[0], parts[1])]
+            else:
+                targets = self._match(ctx, store, parts[0], query)
+                if len(targets) > 1:
+                    raise error(412, "multiple-matches", "Điều kiện xoá khớp nhiều tài nguyên",
+                                "Conditional delete matched more than one resource")
+            for rtype, rid in targets:
+                current = self._current_for_write(ctx, store, rtype, rid)
                 if current is not None and not current.deleted:
                     store.write(current, None, "DELETE")
+                    written.append(current)
             return Result(204)
         # GET inside a transaction: reads see the transaction's own writes.
         params = parse_qsl(query, keep_blank_values=True)
         if len(parts) == 2:
             found = store.current(parts[0], parts[1])
-            if found is None or found.deleted:
+            if found is None or found.deleted or svc._hidden(ctx, store, found):
                 raise error(404, "not-found", "Không tìm thấy", f"{path} not found")
             return Result(200, found, body=found.body)
         query_obj, ignored = svc.parser.parse(parts[0], params, strict=ctx.strict)
         return svc._search_in(store, ctx, query_obj, ignored, None)
+
+
+_INTERACTION = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete", "GET": "read",
+                "HEAD": "read"}
 
 
 def _patch_ops(entry: JSON) -> Any:
@@ -312,20 +328,6 @@ def _rewrite_refs(resource: JSON, resolve: Any) -> JSON:
     return dict(orjson.loads(_REF_RE.sub(swap, raw)))
 
 
-def _walk_refs(node: Any, resolve: Any) -> Any:
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                out[key] = resolve(value)
-            else:
-                out[key] = _walk_refs(value, resolve)
-        return out
-    if isinstance(node, list):
-        return [_walk_refs(v, resolve) for v in node]
-    return node
-
-
 def _split(url: str) -> tuple[str, str]:
     parsed = urlsplit(url)
     path = parsed.path.strip("/")
@@ -357,4 +359,4 @@ def _response_bundle(kind: str, entries: list[JSON]) -> JSON:
     return {"resourceType": "Bundle", "type": kind, "entry": entries}
 
 
-__all__ = ["BundleProcessor", "_validate"]
+__all__ = ["BundleProcessor"]

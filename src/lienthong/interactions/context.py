@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -11,8 +12,10 @@ class Context:
 
     base_url: str = "http://localhost/fhir"  # absolute base for fullUrl, Location and paging links
     strict: bool = False  # Prefer: handling=strict
-    actor: str | None = None  # user or client id once authentication is on
-    roles: tuple[str, ...] = ()
-    facility: str | None = None
     address: str | None = None  # caller's network address, for the audit trail
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)  # e.g. the node's name for audit records
+    principal: Any = None  # the authenticated caller (lienthong.security.policy.Principal), None when open
+
+    @property
+    def actor(self) -> str | None:
+        return getattr(self.principal, "actor", None)

@@ -18,6 +18,7 @@ from sqlalchemy import false, insert, select, update
 from lienthong.fhir.datetimes import DateFormatError, format_instant, now_us, parse_range
 from lienthong.fhir.outcome import error
 from lienthong.interactions.context import Context
+from lienthong.interactions.guard import AuditFacts, OpenGuard
 from lienthong.interactions.service import FhirService
 from lienthong.storage import schema
 
@@ -31,6 +32,7 @@ class ExportManager:
         self.db = service.db
         self._lock = threading.Lock()
         self._threads: dict[str, threading.Thread] = {}
+        self._contexts: dict[str, Context] = {}  # who asked: the export shows only what they may see
 
     def start(self, ctx: Context, level: str, params: list[tuple[str, str]]) -> str:
         """Record a job and start it; returns the job id."""
@@ -51,8 +53,10 @@ class ExportManager:
             elif name not in ("_outputFormat",):
                 raise error(400, "not-supported", f"Không hỗ trợ tham số '{name}'",
                             f"Unsupported $export parameter '{name}'")
+        self.service.guard.authorize(ctx, "export", None)
         job_id = secrets.token_hex(16)
         now = now_us()
+        self._contexts[job_id] = ctx
         with self.db.begin() as store:
             store.conn.execute(insert(schema.export_job).values(
                 job_id=job_id, status="accepted", request=orjson.dumps(request).decode(), created=now,
@@ -91,7 +95,14 @@ class ExportManager:
                 store.conn.execute(files.delete().where(files.c.job_id == job_id))
                 store.conn.execute(update(job).where(job.c.job_id == job_id).values(status="running"))
             request = orjson.loads(row[0])
-            self._export(job_id, request, int(row[1]))
+            ctx = self._contexts.get(job_id)
+            if ctx is None:
+                if not isinstance(self.service.guard, OpenGuard):
+                    raise RuntimeError("bị gián đoạn khi khởi động lại, hãy yêu cầu lại / "
+                                       "interrupted by a restart; please request the export again")
+                ctx = Context()
+            self._export(ctx, job_id, request, int(row[1]))
+            self.service.guard.on_access(ctx, AuditFacts("export", detail=f"job {job_id}"))
             with self.db.begin() as store:
                 store.conn.execute(update(job).where(job.c.job_id == job_id, job.c.status == "running")
                                    .values(status="completed", finished=now_us()))
@@ -100,7 +111,7 @@ class ExportManager:
                 store.conn.execute(update(job).where(job.c.job_id == job_id)
                                    .values(status="failed", error=str(exc)[:2000], finished=now_us()))
 
-    def _export(self, job_id: str, request: dict[str, Any], until: int) -> None:
+    def _export(self, ctx: Context, job_id: str, request: dict[str, Any], until: int) -> None:
         svc = self.service
         r, v = schema.resource, schema.resource_version
         compartment = svc.compartment_params() if request["level"] == "patient" else None
@@ -116,6 +127,9 @@ class ExportManager:
             )
             if request["since"] is not None:
                 stmt = stmt.where(r.c.last_updated >= request["since"])
+            visible = svc.guard.search_filter(ctx, rtype, r)
+            if visible is not None:
+                stmt = stmt.where(visible)
             if compartment is not None and rtype != "Patient":
                 ref = schema.sp_reference
                 stmt = stmt.where(r.c.res_pk.in_(select(ref.c.res_pk).where(
@@ -149,9 +163,9 @@ class ExportManager:
         """Poll: (202, None, progress) while running, (200, manifest) when done, an error if failed."""
         job, files = schema.export_job, schema.export_file
         with self.db.read() as store:
-            row = store.execute(select(job.c.status, job.c.transaction_time, job.c.request, job.c.error)
+            row = store.execute(select(job.c.status, job.c.transaction_time, job.c.request, job.c.error, job.c.owner)
                                 .where(job.c.job_id == job_id)).first()
-            if row is None or row[0] == "cancelled":
+            if row is None or row[0] == "cancelled" or row[4] != ctx.actor:
                 raise error(404, "not-found", "Không có yêu cầu xuất này", "No such export job")
             if row[0] in ("accepted", "running"):
                 return 202, None, {"X-Progress": f"{row[0]}", "Retry-After": "1"}
@@ -171,18 +185,23 @@ class ExportManager:
         }
         return 200, manifest, {"Expires": "in one day"}
 
-    def file(self, job_id: str, name: str) -> bytes:
-        files = schema.export_file
+    def file(self, ctx: Context, job_id: str, name: str) -> bytes:
+        """An output file, for the caller who asked for the export only."""
+        files, job = schema.export_file, schema.export_job
         with self.db.read() as store:
+            owner = store.execute(select(job.c.owner).where(job.c.job_id == job_id)).first()
+            if owner is None or owner[0] != ctx.actor:
+                raise error(404, "not-found", "Không có tệp này", "No such export file")
             data = store.execute(select(files.c.data).where(files.c.job_id == job_id, files.c.name == name)).first()
         if data is None:
             raise error(404, "not-found", "Không có tệp này", "No such export file")
         return bytes(data[0])
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, ctx: Context, job_id: str) -> None:
         job = schema.export_job
         with self.db.begin() as store:
-            changed = store.conn.execute(update(job).where(job.c.job_id == job_id, job.c.status != "cancelled")
+            changed = store.conn.execute(update(job).where(job.c.job_id == job_id, job.c.status != "cancelled",
+                                                           job.c.owner == ctx.actor)
                                          .values(status="cancelled")).rowcount
         if not changed:
             raise error(404, "not-found", "Không có yêu cầu xuất này", "No such export job")

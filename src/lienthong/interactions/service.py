@@ -25,6 +25,7 @@ from lienthong.fhir.search_params import SearchRegistry
 from lienthong.fhir.search_query import QueryParser, SearchQuery
 from lienthong.fhir.shaping import shape
 from lienthong.interactions.context import Context
+from lienthong.interactions.guard import AuditFacts, Guard, OpenGuard
 from lienthong.storage import schema
 from lienthong.storage.repository import JSON, Database, Store, Stored
 from lienthong.storage.search_sql import build_select
@@ -70,8 +71,9 @@ def _validate(resource: JSON, expected_type: str | None = None) -> None:
 class FhirService:
     """All interactions over one Database."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, guard: Guard | None = None) -> None:
         self.db = db
+        self.guard: Guard = guard or OpenGuard()
         self.registry: SearchRegistry = db.registry
         self.parser = QueryParser(self.registry)
         self.types = set(self.registry.by_type)
@@ -100,11 +102,23 @@ class FhirService:
         return resource
 
     # ---- read ----------------------------------------------------------------
+    def _hidden(self, ctx: Context, store: Store, found: Stored | None, writing: bool = False) -> bool:
+        """True when the resource exists but the caller may not see it: answered as 404, never 403."""
+        return found is not None and not found.deleted and not self.guard.visible(ctx, store, [found], writing)
+
+    def _not_found(self, ctx: Context, action: str, rtype: str, rid: str) -> FhirError:
+        self.guard.on_access(ctx, AuditFacts(action, outcome=4, resources=[(rtype, rid)], detail="not found"))
+        return error(404, "not-found", f"Không tìm thấy {rtype}/{rid}", f"{rtype}/{rid} not found")
+
     def read(self, ctx: Context, rtype: str, rid: str) -> Result:
         self.check_type(rtype)
         self.check_id(rid)
+        self.guard.authorize(ctx, "read", rtype)
         with self.db.read() as store:
             found = store.current(rtype, rid)
+            if self._hidden(ctx, store, found):
+                found = None
+        self.guard.on_access(ctx, AuditFacts("read", 0 if found else 4, [(rtype, rid)]))
         if found is None:
             raise error(404, "not-found", f"Không tìm thấy {rtype}/{rid}", f"{rtype}/{rid} not found")
         if found.deleted:
@@ -117,8 +131,12 @@ class FhirService:
         self.check_id(rid)
         if not version.isdigit():
             raise error(400, "invalid", "Phiên bản phải là số", f"Version '{version[:20]}' is not a number")
+        self.guard.authorize(ctx, "vread", rtype)
         with self.db.read() as store:
             found = store.version(rtype, rid, int(version))
+            if found is not None and not self.guard.visible(ctx, store, [found]):
+                found = None
+        self.guard.on_access(ctx, AuditFacts("vread", 0 if found else 4, [(rtype, rid)]))
         if found is None:
             raise error(404, "not-found", f"Không có phiên bản {version}", f"{rtype}/{rid}/_history/{version} not found")
         if found.deleted:
@@ -128,6 +146,7 @@ class FhirService:
     # ---- writes --------------------------------------------------------------
     def create(self, ctx: Context, rtype: str, resource: JSON, if_none_exist: str | None = None) -> Result:
         self.check_type(rtype)
+        self.guard.authorize(ctx, "create", rtype)
         resource = self._prepare(resource, rtype, None)
         with self.db.begin() as store:
             if if_none_exist:
@@ -139,6 +158,7 @@ class FhirService:
                                 "If-None-Exist matched more than one resource")
             resource.pop("id", None)
             stored = store.create(resource)
+            self.guard.on_write(ctx, store, AuditFacts("create", resources=[(rtype, stored.rid)]), [stored])
         return Result(201, stored, body=stored.body)
 
     def update(self, ctx: Context, rtype: str, rid: str, resource: JSON, if_match: str | None = None) -> Result:
@@ -146,14 +166,21 @@ class FhirService:
         self.check_id(rid)
         if "id" not in resource:
             raise error(400, "required", "Thân cập nhật thiếu id", "An update body must carry the resource id")
+        self.guard.authorize(ctx, "update", rtype)
         resource = self._prepare(resource, rtype, rid)
         with self.db.begin() as store:
-            return self._update_in(store, rtype, rid, resource, if_match)
+            result = self._update_in(ctx, store, rtype, rid, resource, if_match)
+            assert result.stored is not None
+            self.guard.on_write(ctx, store, AuditFacts("update", resources=[(rtype, rid)]), [result.stored])
+            return result
 
     def _update_in(
-        self, store: Store, rtype: str, rid: str, resource: JSON, if_match: str | None, method: str = "PUT"
+        self, ctx: Context, store: Store, rtype: str, rid: str, resource: JSON, if_match: str | None,
+        method: str = "PUT",
     ) -> Result:
         current = store.current(rtype, rid, lock=True)
+        if self._hidden(ctx, store, current, writing=True):
+            raise self._not_found(ctx, "update", rtype, rid)
         if current is None:
             if if_match:
                 raise error(412, "conflict", "Không có phiên bản để so khớp", f"{rtype}/{rid} does not exist")
@@ -176,6 +203,7 @@ class FhirService:
     def conditional_update(self, ctx: Context, rtype: str, query: str, resource: JSON,
                            if_match: str | None = None) -> Result:
         self.check_type(rtype)
+        self.guard.authorize(ctx, "update", rtype)
         resource = self._prepare(resource, rtype, None)
         with self.db.begin() as store:
             matches = self._conditional_match(store, ctx, rtype, query)
@@ -188,23 +216,28 @@ class FhirService:
                     raise error(409, "conflict", "id đã dùng cho tài nguyên khác",
                                 "The body id belongs to a resource that does not match the condition")
                 stored = store.create(resource, rid)
+                self.guard.on_write(ctx, store, AuditFacts("create", resources=[(rtype, stored.rid)]), [stored])
                 return Result(201, stored, body=stored.body)
             target = matches[0]
             if resource.get("id") not in (None, target.rid):
                 raise error(400, "invalid", "id không khớp tài nguyên tìm được",
                             "The body id differs from the id of the matched resource")
             resource["id"] = target.rid
-            return self._update_in(store, rtype, target.rid, resource, if_match)
+            result = self._update_in(ctx, store, rtype, target.rid, resource, if_match)
+            assert result.stored is not None
+            self.guard.on_write(ctx, store, AuditFacts("update", resources=[(rtype, target.rid)]), [result.stored])
+            return result
 
     def patch(self, ctx: Context, rtype: str, rid: str, operations: Any, if_match: str | None = None) -> Result:
         self.check_type(rtype)
         self.check_id(rid)
         if not isinstance(operations, list):
             raise error(400, "invalid", "JSON Patch phải là một mảng", "A JSON Patch document must be an array")
+        self.guard.authorize(ctx, "patch", rtype)
         with self.db.begin() as store:
             current = store.current(rtype, rid, lock=True)
-            if current is None or current.deleted:
-                raise error(404, "not-found", f"Không tìm thấy {rtype}/{rid}", f"{rtype}/{rid} not found")
+            if current is None or current.deleted or self._hidden(ctx, store, current, writing=True):
+                raise self._not_found(ctx, "patch", rtype, rid)
             self._check_if_match(current, if_match)
             try:
                 patched = jsonpatch.apply_patch(current.resource(), operations)
@@ -216,26 +249,30 @@ class FhirService:
                             "A patch may not change the resource type or id")
             self._prepare(patched, rtype, rid)
             stored = store.write(current, patched, "PATCH")
+            self.guard.on_write(ctx, store, AuditFacts("patch", resources=[(rtype, rid)]), [stored])
         return Result(200, stored, body=stored.body)
 
     def delete(self, ctx: Context, rtype: str, rid: str) -> Result:
         self.check_type(rtype)
         self.check_id(rid)
+        self.guard.authorize(ctx, "delete", rtype)
         with self.db.begin() as store:
-            return self._delete_in(store, rtype, rid)
+            return self._delete_in(ctx, store, rtype, rid)
 
-    def _delete_in(self, store: Store, rtype: str, rid: str) -> Result:
+    def _delete_in(self, ctx: Context, store: Store, rtype: str, rid: str) -> Result:
         current = store.current(rtype, rid, lock=True)
-        if current is None:
-            raise error(404, "not-found", f"Không tìm thấy {rtype}/{rid}", f"{rtype}/{rid} not found")
+        if current is None or self._hidden(ctx, store, current, writing=True):
+            raise self._not_found(ctx, "delete", rtype, rid)
         if current.deleted:
             return Result(200, current, outcome=_info("Đã xoá trước đó", f"{rtype}/{rid} was already deleted"))
         stored = store.write(current, None, "DELETE")
+        self.guard.on_write(ctx, store, AuditFacts("delete", resources=[(rtype, rid)]), [current])
         return Result(200, stored, outcome=_info("Đã xoá (vẫn giữ lịch sử)",
                                                   f"Deleted {rtype}/{rid}; its history is kept"))
 
     def conditional_delete(self, ctx: Context, rtype: str, query: str) -> Result:
         self.check_type(rtype)
+        self.guard.authorize(ctx, "delete", rtype)
         with self.db.begin() as store:
             matches = self._conditional_match(store, ctx, rtype, query)
             if len(matches) > 1:
@@ -243,7 +280,7 @@ class FhirService:
                             "The conditional delete matched more than one resource")
             if not matches:
                 return Result(200, outcome=_info("Không có gì để xoá", "No resource matched; nothing deleted"))
-            return self._delete_in(store, rtype, matches[0].rid)
+            return self._delete_in(ctx, store, rtype, matches[0].rid)
 
     def _conditional_match(self, store: Store, ctx: Context, rtype: str, query: str) -> list[Stored]:
         from urllib.parse import parse_qsl
@@ -252,8 +289,15 @@ class FhirService:
         if not params:
             raise error(400, "invalid", "Điều kiện rỗng", "A conditional interaction needs search parameters")
         parsed, _ = self.parser.parse(rtype, params, strict=True)
-        rows = store.execute(build_select(parsed).limit(2)).all()
+        rows = store.execute(self.select(ctx, parsed).limit(2)).all()
         return store.fetch([(r[0], r[1]) for r in rows])
+
+    def select(self, ctx: Context, query: SearchQuery, types: list[str] | None = None) -> Any:
+        """The search SELECT, restricted to what the caller may see."""
+        from lienthong.storage.schema import resource as res_table
+
+        extra = self.guard.search_filter(ctx, query.resource_type, res_table)
+        return build_select(query, types, extra)
 
     # ---- history -------------------------------------------------------------
     def history(self, ctx: Context, rtype: str | None, rid: str | None, params: list[tuple[str, str]]) -> Result:
@@ -277,11 +321,18 @@ class FhirService:
                 raise error(400, "invalid", f"Giá trị không hợp lệ cho {name}", f"Invalid value for {name}") from None
         if count < 0 or offset < 0:
             raise error(400, "invalid", "_count/_offset âm", "_count and _offset must not be negative")
+        self.guard.authorize(ctx, "history", rtype)
         with self.db.read() as store:
-            if rid is not None and rtype is not None and store.current(rtype, rid) is None:
-                raise error(404, "not-found", f"Không tìm thấy {rtype}/{rid}", f"{rtype}/{rid} not found")
+            if rid is not None and rtype is not None:
+                current = store.current(rtype, rid)
+                if current is None or self._hidden(ctx, store, current):
+                    raise self._not_found(ctx, "history", rtype, rid)
             before = before if before is not None else store.now
-            versions, total = store.history(rtype, rid, since, offset + count, before)
+            from lienthong.storage.schema import resource as res_table
+
+            extra = self.guard.search_filter(ctx, rtype, res_table)
+            versions, total = store.history(rtype, rid, since, offset + count, before, extra)
+        self.guard.on_access(ctx, AuditFacts("history", resources=[(v.rtype, v.rid) for v in versions[offset:]]))
         page = versions[offset:]
         path = "/".join(p for p in (rtype, rid, "_history") if p)
         base = f"{ctx.base_url}/{path}"
@@ -314,6 +365,7 @@ class FhirService:
                types: list[str] | None = None) -> Result:
         if rtype is not None:
             self.check_type(rtype)
+        self.guard.authorize(ctx, "search", rtype)
         query, ignored = self.parser.parse(rtype, params, strict=ctx.strict)
         with self.db.begin() as store:
             return self._search_in(store, ctx, query, ignored, types)
@@ -323,7 +375,7 @@ class FhirService:
         base = f"{ctx.base_url}/{query.resource_type}" if query.resource_type else ctx.base_url
         if query.getpages:
             return self._page(store, ctx, query, base)
-        stmt = build_select(query, types)
+        stmt = self.select(ctx, query, types)
         if query.summary == "count":
             total = store.execute(select(func.count()).select_from(stmt.subquery())).scalar_one()
             bundle = {"resourceType": "Bundle", "type": "searchset", "total": total,
@@ -378,9 +430,12 @@ class FhirService:
     def _bundle(self, store: Store, ctx: Context, query: SearchQuery, base: str, keys: list[tuple[int, int]],
                 total: int | None, sid: str | None, offset: int, available: int, ignored: list[OutcomeIssue],
                 modes: list[str] | None = None) -> Result:
-        matched = store.fetch(keys)
+        matched = self.guard.visible(ctx, store, store.fetch(keys))
         mode_of = dict(zip(keys, modes or ["match"] * len(keys), strict=True))
-        included = self._includes(store, query, matched)
+        included = self._includes(ctx, store, query, matched)
+        self.guard.on_access(ctx, AuditFacts(
+            "search", resources=[(m.rtype, m.rid) for m in matched + included],
+            query=_url(base, query.self_params)))
         entries: list[JSON] = []
         shaping = query.summary in ("true", "text", "data") or query.elements
         for item, mode in [(m, mode_of.get((m.res_pk, m.version), "match")) for m in matched] + [
@@ -415,7 +470,7 @@ class FhirService:
         bundle["entry"] = entries
         return Result(200, body=orjson.dumps(bundle))
 
-    def _includes(self, store: Store, query: SearchQuery, matched: list[Stored]) -> list[Stored]:
+    def _includes(self, ctx: Context, store: Store, query: SearchQuery, matched: list[Stored]) -> list[Stored]:
         if not query.includes or not matched:
             return []
         seen = {(m.rtype, m.rid) for m in matched}
@@ -426,10 +481,10 @@ class FhirService:
             for inc in query.includes:
                 if depth > 0 and not inc.iterate:
                     continue
-                sources = [m for m in frontier if (m.rtype == inc.source_type) != inc.reverse or inc.reverse]
+                sources = frontier if inc.reverse else [m for m in frontier if m.rtype == inc.source_type]
                 if not sources:
                     continue
-                new.extend(self._include_one(store, inc, sources, seen))
+                new.extend(self.guard.visible(ctx, store, self._include_one(store, inc, sources, seen)))
             if not new:
                 break
             out.extend(new)
@@ -494,14 +549,15 @@ class FhirService:
                 count = min(int(value), 1000) or 1
             elif name in ("_getpages", "_offset"):
                 page.append((name, value))
+        self.guard.authorize(ctx, "everything", "Patient")
         if page:
             query, _ = self.parser.parse(None, [*page, ("_count", str(count))])
             with self.db.begin() as store:
                 return self._page(store, ctx, query, ctx.base_url)
         with self.db.begin() as store:
             patient = store.current("Patient", rid)
-            if patient is None or patient.deleted:
-                raise error(404, "not-found", f"Không tìm thấy Patient/{rid}", f"Patient/{rid} not found")
+            if patient is None or patient.deleted or self._hidden(ctx, store, patient):
+                raise self._not_found(ctx, "operation", "Patient", rid)
             keys = self._compartment_keys(store, patient, since, types)
             query = SearchQuery(None, count=count)
             query.self_params = [(k, v) for k, v in params if k in ("_since", "_type", "_count")]
@@ -563,6 +619,7 @@ class FhirService:
     def validate_operation(self, ctx: Context, rtype: str, payload: Any, rid: str | None = None) -> Result:
         """$validate: report issues without storing anything; 200 with the outcome either way."""
         self.check_type(rtype)
+        self.guard.authorize(ctx, "validate", rtype)
         resource = payload
         if isinstance(payload, dict) and payload.get("resourceType") == "Parameters":
             resource = next((p.get("resource") for p in payload.get("parameter", [])
@@ -588,6 +645,7 @@ class FhirService:
             meta = orjson.loads(result.json_bytes()).get("meta", {})
             collected = {k: meta.get(k, []) for k in ("tag", "security", "profile") if meta.get(k)}
         else:
+            self.guard.authorize(ctx, "search", rtype)
             collected = self._meta_in_use(rtype)
         return Result(200, resource=_parameters("return", {"valueMeta": collected}))
 
@@ -617,10 +675,11 @@ class FhirService:
         self.check_type(rtype)
         self.check_id(rid)
         meta_in = _meta_parameter(payload)
+        self.guard.authorize(ctx, "update", rtype)
         with self.db.begin() as store:
             current = store.current(rtype, rid, lock=True)
-            if current is None or current.deleted:
-                raise error(404, "not-found", f"Không tìm thấy {rtype}/{rid}", f"{rtype}/{rid} not found")
+            if current is None or current.deleted or self._hidden(ctx, store, current, writing=True):
+                raise self._not_found(ctx, "operation", rtype, rid)
             resource = current.resource()
             meta = dict(resource.get("meta") or {})
             changed = False
@@ -640,6 +699,9 @@ class FhirService:
                     meta.pop(key, None)
             resource["meta"] = meta
             stored = store.rewrite_meta(current, resource) if changed else current
+            if changed:
+                self.guard.on_write(ctx, store, AuditFacts("update", resources=[(rtype, rid)],
+                                                           detail="$meta-add" if add else "$meta-delete"), [stored])
             out_meta = orjson.loads(stored.body or b"{}").get("meta", {})
         return Result(200, resource=_parameters("return", {"valueMeta": {k: out_meta[k] for k in
                                                                           ("tag", "security", "profile")

@@ -91,6 +91,7 @@ class Store:
         self.now_text = format_instant(self.now)
         self._pending: list[tuple[JSON, str, IndexRows, bytes]] = []  # new resource, method, index, body
         self._pending_ids: set[tuple[str, str]] = set()
+        self._pending_stored: list[Stored] = []
 
     # ---- reads -------------------------------------------------------------
     def current(self, rtype: str, rid: str, lock: bool = False) -> Stored | None:
@@ -182,17 +183,22 @@ class Store:
             raise error(409, "duplicate", f"Trùng định danh {rtype}/{rid}", f"Duplicate id {rtype}/{rid}")
         body = self._stamp(resource, rid, 1)
         rows = self.db.registry.extract(resource)
+        stored = Stored(0, rtype, rid, 1, self.now, False, body, method)
         self._pending.append((resource, method, rows, body))
+        self._pending_stored.append(stored)
         self._pending_ids.add((rtype, rid))
-        return Stored(0, rtype, rid, 1, self.now, False, body, method)
+        return stored
 
     def flush(self) -> None:
         """Write buffered new resources in bulk (COPY on PostgreSQL, executemany on SQLite)."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        stored_list, self._pending_stored = self._pending_stored, []
         self._pending_ids.clear()
         pks = self._allocate_pks(len(pending))
+        for pk, stored in zip(pks, stored_list, strict=True):
+            stored.res_pk = pk  # callers holding the Stored from create() now see its key
         try:
             self._bulk("resource", ("res_pk", "rtype", "rid", "version", "last_updated", "deleted"),
                        [(pk, res["resourceType"], res["id"], 1, self.now, False)
@@ -283,12 +289,13 @@ class Store:
 
     # ---- history -----------------------------------------------------------
     def history(
-        self, rtype: str | None, rid: str | None, since: int | None, at_most: int, before: int | None = None
+        self, rtype: str | None, rid: str | None, since: int | None, at_most: int, before: int | None = None,
+        extra: Any = None,
     ) -> tuple[list[Stored], int]:
-        """Versions newest first, and the total count."""
+        """Versions newest first, and the total count; `extra` restricts to resources the caller may see."""
         self.flush()
         r, v = schema.resource, schema.resource_version
-        cond = []
+        cond = [] if extra is None else [extra]
         if rtype is not None:
             cond.append(v.c.rtype == rtype)
         if rid is not None:

@@ -175,3 +175,118 @@ export_file = Table(
     Column("count", Integer, nullable=False),
     Column("data", LargeBinary, nullable=False),
 )
+
+# ---- Identity, access control and audit (issue: who may see what) -------------------------------
+
+app_user = Table(
+    "app_user",
+    metadata,
+    Column("user_id", String(40), primary_key=True),
+    Column("username", String(64), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False),
+    Column("display_name", String(255), nullable=True),
+    Column("facility", String(16), nullable=True),  # 5-digit facility code the user acts for
+    Column("practitioner_id", String(64), nullable=True),  # Practitioner resource id
+    Column("licence_no", String(64), nullable=True),  # practising-licence number
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("failed_logins", Integer, nullable=False, default=0),
+    Column("locked_until", BigInteger, nullable=True),
+    Column("created", BigInteger, nullable=False),
+)
+role_assignment = Table(
+    "role_assignment",
+    metadata,
+    Column("assignment_id", PK, primary_key=True, autoincrement=True),
+    Column("user_id", String(40), ForeignKey("app_user.user_id"), nullable=False, index=True),
+    Column("role", String(32), nullable=False),
+    Column("facility", String(16), nullable=True),
+    Column("window", Text, nullable=True),  # JSON: {"days": "mon-fri", "start": "07:00", "end": "17:00"}
+    Column("valid_from", BigInteger, nullable=True),
+    Column("valid_until", BigInteger, nullable=True),
+)
+app_client = Table(
+    "app_client",
+    metadata,
+    Column("client_id", String(64), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("secret_hash", String(255), nullable=False),
+    Column("facility", String(16), nullable=True),
+    Column("scopes", Text, nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("created", BigInteger, nullable=False),
+)
+signing_key = Table(
+    "signing_key",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("private_jwk", Text, nullable=False),
+    Column("public_jwk", Text, nullable=False),
+    Column("created", BigInteger, nullable=False),
+    Column("retired", BigInteger, nullable=True),  # still verifies until tokens signed with it expire
+)
+revoked_token = Table(
+    "revoked_token",
+    metadata,
+    Column("jti", String(64), primary_key=True),
+    Column("expires", BigInteger, nullable=False),
+)
+auth_code = Table(
+    "auth_code",
+    metadata,
+    Column("code", String(64), primary_key=True),
+    Column("user_id", String(40), nullable=False),
+    Column("client_id", String(64), nullable=False),
+    Column("challenge", String(128), nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("redirect_uri", Text, nullable=False),
+    Column("expires", BigInteger, nullable=False),
+)
+break_glass = Table(
+    "break_glass",
+    metadata,
+    Column("grant_id", String(40), primary_key=True),
+    Column("user_id", String(40), nullable=False, index=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("started", BigInteger, nullable=False),
+    Column("expires", BigInteger, nullable=False),
+    Column("reviewed_by", String(40), nullable=True),
+    Column("reviewed_at", BigInteger, nullable=True),
+)
+patient_facility = Table(
+    "patient_facility",
+    metadata,
+    Column("patient_id", String(64), primary_key=True),
+    Column("facility", String(16), primary_key=True),
+    Column("reason", String(16), nullable=False),  # registered | treated | transfer
+    Column("since", BigInteger, nullable=False),
+)
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("recorded", BigInteger, nullable=False),
+    Column("actor", String(128), nullable=True),
+    Column("facility", String(16), nullable=True),
+    Column("action", String(32), nullable=False),  # BALP-style: read, search, create, login, ...
+    Column("outcome", String(8), nullable=False),  # FHIR AuditEvent.outcome: 0, 4, 8, 12
+    Column("body", LargeBinary, nullable=False),  # the AuditEvent JSON
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_audit_recorded", "recorded"),
+    Index("ix_audit_actor", "actor", "recorded"),
+)
+audit_patient = Table(
+    "audit_patient",
+    metadata,
+    Column("seq", BigInteger, primary_key=True),
+    Column("patient_id", String(64), primary_key=True),
+    Index("ix_audit_patient", "patient_id", "seq"),
+)
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)

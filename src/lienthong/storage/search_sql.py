@@ -250,11 +250,17 @@ def _sort_key(code: str, desc: bool, param: SearchParam | None, res: Any) -> Any
     return col.desc() if desc else col.asc()
 
 
-def build_select(query: SearchQuery, types: list[str] | None = None) -> Select[Any]:
-    """SELECT res_pk, version of the matching current resources, in result order."""
+def build_select(query: SearchQuery, types: list[str] | None = None,
+                 extra: ColumnElement[bool] | None = None) -> Select[Any]:
+    """SELECT res_pk, version of the matching current resources, in result order.
+
+    `extra` is the access-control restriction on the `resource` table, added to the same query so that
+    totals and paging never count what the caller may not see."""
     res = resource
     compiler = CriteriaCompiler()
     stmt = select(res.c.res_pk, res.c.version).where(res.c.deleted == false())
+    if extra is not None:
+        stmt = stmt.where(extra)
     if query.resource_type is not None:
         stmt = stmt.where(res.c.rtype == query.resource_type)
     elif types:

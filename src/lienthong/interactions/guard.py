@@ -1,0 +1,69 @@
+"""The seam where access control and audit plug into every interaction.
+
+Why a protocol here: the interactions layer must enforce authorisation and record
+audit on every read, search and write, but it may not depend on the security
+package above it. The security package implements `Guard`; `OpenGuard` is the
+explicit, loud choice for `--insecure-dev` and for storage-level tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import ColumnElement
+
+from lienthong.interactions.context import Context
+from lienthong.storage.repository import Store, Stored
+
+# Interaction names, in SMART's terms: c(reate) r(ead) u(pdate) d(elete) s(earch).
+READ, SEARCH, CREATE, UPDATE, DELETE = "read", "search", "create", "update", "delete"
+
+
+@dataclass
+class AuditFacts:
+    """What an audit record needs to know about one interaction."""
+
+    action: str  # create, read, vread, update, patch, delete, search, history, operation, export, transaction
+    outcome: int = 0  # 0 success, 4 minor failure (refused), 8 serious, 12 major
+    resources: list[tuple[str, str]] = field(default_factory=list)  # (type, id) touched
+    patients: set[str] = field(default_factory=set)
+    query: str | None = None
+    detail: str | None = None
+
+
+class Guard(Protocol):
+    def authorize(self, ctx: Context, interaction: str, rtype: str | None) -> None:
+        """Raise FhirError 401/403 when the caller may not perform this interaction on this type."""
+
+    def search_filter(self, ctx: Context, rtype: str | None, res: Any) -> ColumnElement[bool] | None:
+        """An extra SQL condition restricting search results to what the caller may see."""
+
+    def visible(self, ctx: Context, store: Store, items: list[Stored], writing: bool = False) -> list[Stored]:
+        """The subset of `items` the caller may see (reads, history, includes, $everything, export);
+        `writing` asks the wider question "may change", which needs only facility scope."""
+
+    def on_write(self, ctx: Context, store: Store, facts: AuditFacts, written: list[Stored]) -> None:
+        """Called inside the write transaction: record the audit and maintain access indexes."""
+
+    def on_access(self, ctx: Context, facts: AuditFacts) -> None:
+        """Record a read-type interaction (or a refusal)."""
+
+
+class OpenGuard:
+    """No access control and no audit: only for local experiments and storage tests."""
+
+    def authorize(self, ctx: Context, interaction: str, rtype: str | None) -> None:
+        return None
+
+    def search_filter(self, ctx: Context, rtype: str | None, res: Any) -> ColumnElement[bool] | None:
+        return None
+
+    def visible(self, ctx: Context, store: Store, items: list[Stored], writing: bool = False) -> list[Stored]:
+        return items
+
+    def on_write(self, ctx: Context, store: Store, facts: AuditFacts, written: list[Stored]) -> None:
+        return None
+
+    def on_access(self, ctx: Context, facts: AuditFacts) -> None:
+        return None
