@@ -67,3 +67,12 @@ def create_app(url: str | None = None, settings: ApiSettings | None = None, secu
     app = build_app(node.service, settings, node.auth)
     app.state.node = node
     return app
+
+
+def app_from_env() -> Starlette:
+    """Build the app from the settings `lienthong serve` put in the environment (one per uvicorn worker)."""
+    import os
+
+    settings = ApiSettings.from_json(os.environ.get("LIENTHONG_APP_SETTINGS", "{}"))
+    return create_app(os.environ.get("LIENTHONG_APP_DB") or None, settings,
+                      secure=os.environ.get("LIENTHONG_APP_SECURE", "1") != "0")

@@ -48,6 +48,15 @@ class ApiSettings:
     node_name: str = "lienthong"  # shown as the audit source
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none by default
 
+    def to_json(self) -> str:
+        return orjson.dumps({**self.__dict__, "cors_origins": list(self.cors_origins)}).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> ApiSettings:
+        data = orjson.loads(text or "{}")
+        data["cors_origins"] = tuple(data.get("cors_origins", ()))
+        return cls(**data)
+
 
 class FhirApi:
     """Request handlers bound to one service."""

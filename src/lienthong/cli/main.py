@@ -1,4 +1,4 @@
-"""The `lienthong` command line: serve a node, manage its database, load data.
+"""The `lienthong` command line: serve a node, manage its database, users and data.
 
 Messages are Vietnamese first, then English. Errors print a message and exit
 non-zero; they never show a traceback.
@@ -10,22 +10,21 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from lienthong import __version__
+from lienthong.cli.admin import audit_app, clients_app, keys_app, users_app
+from lienthong.cli.common import DB_OPTION, err, fail
 
 app = typer.Typer(help="lienthong: kho FHIR R4 và liên thông dữ liệu y tế / FHIR R4 repository and health-data exchange",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Cơ sở dữ liệu / Database", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-err = Console(stderr=True)
+app.add_typer(users_app, name="users")
+app.add_typer(clients_app, name="clients")
+app.add_typer(audit_app, name="audit")
+app.add_typer(keys_app, name="keys")
 
-DB_OPTION = typer.Option(None, "--db", help="Database URL; default: SQLite file ./var/lienthong.db")
-
-
-def fail(vi: str, en: str, code: int = 1) -> None:
-    err.print(f"[bold red]Lỗi / Error:[/] {vi} / {en}")
-    raise typer.Exit(code)
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 @app.command()
@@ -39,22 +38,64 @@ def serve(
     db: str = DB_OPTION,
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8080, "--port"),
+    insecure_dev: bool = typer.Option(False, "--insecure-dev",
+                                      help="Turn authentication off (127.0.0.1 only, for local experiments)"),
+    node_name: str = typer.Option("lienthong", "--node-name", help="This node's name in audit records and tokens"),
     max_body_mb: int = typer.Option(32, "--max-body-mb", help="Largest request body accepted, in MiB"),
     public_base_url: str = typer.Option(None, "--public-base-url", help="Absolute FHIR base seen by clients"),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", help="Browser origin allowed to call the API"),
+    workers: int = typer.Option(1, "--workers", help="uvicorn worker processes"),
 ) -> None:
     """Chạy nút FHIR / Run the FHIR node (base URL /fhir)."""
+    import os
+
     import uvicorn
 
     from lienthong.api.app import ApiSettings
-    from lienthong.node import create_app
 
+    if insecure_dev:
+        if host not in LOOPBACK:
+            fail("--insecure-dev chỉ chạy trên 127.0.0.1", "--insecure-dev only runs on 127.0.0.1", 2)
+        err.print("[bold yellow]CẢNH BÁO / WARNING:[/] xác thực đang TẮT; chỉ dùng để thử nghiệm cục bộ / "
+                  "authentication is OFF; for local experiments only")
+    settings = ApiSettings(max_body_bytes=max_body_mb * 1024 * 1024, public_base_url=public_base_url,
+                           node_name=node_name, cors_origins=tuple(cors_origin))
     try:
-        application = create_app(db, ApiSettings(max_body_bytes=max_body_mb * 1024 * 1024,
-                                                 public_base_url=public_base_url))
+        from lienthong.node import open_database
+
+        database = open_database(db)
+        if not insecure_dev and host not in LOOPBACK:
+            _require_configured(database.engine)
+    except typer.Exit:
+        raise
     except Exception as exc:  # startup problems are the operator's to fix: say what, no traceback
         fail("không khởi động được", f"cannot start: {exc}")
-    err.print(f"lienthong {__version__}: http://{host}:{port}/fhir")
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    err.print(f"lienthong {__version__}: http://{host}:{port}/fhir"
+              + ("" if insecure_dev else "  (xác thực bật / authentication on)"))
+    os.environ["LIENTHONG_APP_DB"] = db or ""
+    os.environ["LIENTHONG_APP_SECURE"] = "0" if insecure_dev else "1"
+    os.environ["LIENTHONG_APP_SETTINGS"] = settings.to_json()
+    if workers > 1:
+        uvicorn.run("lienthong.node:app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning")
+    else:
+        from lienthong.node import app_from_env
+
+        uvicorn.run(app_from_env(), host=host, port=port, log_level="warning")
+
+
+def _require_configured(engine: object) -> None:
+    from sqlalchemy import select
+
+    from lienthong.security.accounts import Accounts
+    from lienthong.storage import schema
+
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        has_key = conn.execute(select(schema.signing_key.c.kid)).first() is not None
+    if not has_key or not Accounts(engine).has_admin():  # type: ignore[arg-type]
+        fail("chưa có quản trị viên và khoá ký; chạy `lienthong users bootstrap` trước khi mở ra mạng",
+             "no administrator and signing key configured; run `lienthong users bootstrap` before serving "
+             "on a network interface", 2)
 
 
 @db_app.command("upgrade")
