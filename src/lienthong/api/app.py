@@ -466,9 +466,9 @@ def build_app(service: FhirService, settings: ApiSettings | None = None,
 class SecurityHeaders:
     """Security headers on every response; clinical data is never cached by browsers or proxies."""
 
-    _HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+    _HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                 (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store"),
-                (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'")]
+                (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"))
 
     def __init__(self, app: Any) -> None:
         self.app = app

@@ -32,6 +32,7 @@ from lienthong.fhir.datetimes import now_us
 from lienthong.fhir.outcome import FhirError, error
 from lienthong.interactions.context import Context
 from lienthong.security.authn import Authenticator
+from lienthong.security.tokens import TokenError
 from lienthong.storage import schema
 
 WEB_CLIENT = "lienthong-web"  # the first-party public client
@@ -148,9 +149,9 @@ class AuthApi:
         token = str(form.get("token", ""))
         try:
             claims = await run_in_threadpool(self.auth.tokens.verify, token)
-            await run_in_threadpool(self.auth.tokens.revoke, claims)
-        except Exception:  # RFC 7009: answer 200 for unknown or invalid tokens too
-            pass
+        except TokenError:  # RFC 7009: unknown or invalid tokens also get 200
+            return Response(status_code=200)
+        await run_in_threadpool(self.auth.tokens.revoke, claims)
         return Response(status_code=200)
 
     async def logout(self, request: Request) -> Response:

@@ -203,7 +203,7 @@ def audit_verify(db: str = DB_OPTION) -> None:
     """Kiểm tra chuỗi băm của nhật ký / Verify the audit hash chain."""
     from lienthong.security.audit import AuditTrail
 
-    ok, count, message = AuditTrail(_engine(db), "cli").verify()
+    ok, _, message = AuditTrail(_engine(db), "cli").verify()
     if not ok:
         fail("nhật ký kiểm toán KHÔNG toàn vẹn", message, 3)
     out.print(message)

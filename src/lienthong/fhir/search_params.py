@@ -18,7 +18,14 @@ from typing import Any
 
 from lienthong.fhir import definitions
 from lienthong.fhir.datetimes import DateFormatError, parse_range, period_range
-from lienthong.fhir.paths import CHOICE_KEYS, CompiledPath, Node, UnsupportedExpression, compile_expression, compile_relative
+from lienthong.fhir.paths import (
+    CHOICE_KEYS,
+    CompiledPath,
+    Node,
+    UnsupportedExpression,
+    compile_expression,
+    compile_relative,
+)
 from lienthong.text import fold
 
 MAX_INDEXED = 255  # index columns keep this many characters; exact matches still compare in full text
@@ -220,7 +227,7 @@ def _add_token(rows: IndexRows, key: int, grp: int | None, node: Node, param: Se
     elif isinstance(value, str | int | float):
         rows.token.append((key, grp, None, _clip(str(value)), None))
     elif isinstance(value, dict):
-        if "coding" in value or "text" in value and "system" not in value and "value" not in value:
+        if "coding" in value or ("text" in value and "system" not in value and "value" not in value):
             text = fold(value["text"]) if isinstance(value.get("text"), str) else None
             codings = [c for c in value.get("coding", []) if isinstance(c, dict)]
             for coding in codings:
@@ -232,7 +239,7 @@ def _add_token(rows: IndexRows, key: int, grp: int | None, node: Node, param: Se
             ident_value = value.get("value")
             if not isinstance(ident_value, str):
                 return
-            type_cc = value.get("type") if isinstance(value.get("type"), dict) else {}
+            type_cc: dict[str, Any] = value["type"] if isinstance(value.get("type"), dict) else {}
             type_text = fold(type_cc["text"]) if isinstance(type_cc.get("text"), str) else None
             system = value.get("system") if isinstance(value.get("system"), str) else None
             if node.type == "ContactPoint" or value.get("system") in _CONTACT_SYSTEMS:

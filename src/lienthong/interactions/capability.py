@@ -42,7 +42,7 @@ def capability_statement(registry: SearchRegistry, base_url: str, security: dict
             "conditionalDelete": "single",
             "referencePolicy": ["literal", "logical"],
             "interaction": [{"code": c} for c in _INTERACTIONS],
-            "searchInclude": sorted(f"{rtype}:{c}" for c, p in params.items() if p.type == "reference") + ["*"],
+            "searchInclude": [*sorted(f"{rtype}:{c}" for c, p in params.items() if p.type == "reference"), "*"],
             "searchRevInclude": sorted(
                 f"{other}:{c}" for other in registry.by_type for c, p in registry.params(other).items()
                 if p.type == "reference" and (rtype in p.targets)

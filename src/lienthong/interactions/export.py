@@ -157,7 +157,7 @@ class ExportManager:
         job = schema.export_job
         with self.db.read() as store:
             status = store.execute(select(job.c.status).where(job.c.job_id == job_id)).scalar_one_or_none()
-        return status == "cancelled"
+        return bool(status == "cancelled")
 
     def status(self, ctx: Context, job_id: str) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
         """Poll: (202, None, progress) while running, (200, manifest) when done, an error if failed."""

@@ -9,9 +9,9 @@ explicit, loud choice for `--insecure-dev` and for storage-level tests.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, FromClause
 
 from lienthong.interactions.context import Context
 from lienthong.storage.repository import Store, Stored
@@ -36,7 +36,7 @@ class Guard(Protocol):
     def authorize(self, ctx: Context, interaction: str, rtype: str | None) -> None:
         """Raise FhirError 401/403 when the caller may not perform this interaction on this type."""
 
-    def search_filter(self, ctx: Context, rtype: str | None, res: Any) -> ColumnElement[bool] | None:
+    def search_filter(self, ctx: Context, rtype: str | None, res: FromClause) -> ColumnElement[bool] | None:
         """An extra SQL condition restricting search results to what the caller may see."""
 
     def visible(self, ctx: Context, store: Store, items: list[Stored], writing: bool = False) -> list[Stored]:
@@ -56,7 +56,7 @@ class OpenGuard:
     def authorize(self, ctx: Context, interaction: str, rtype: str | None) -> None:
         return None
 
-    def search_filter(self, ctx: Context, rtype: str | None, res: Any) -> ColumnElement[bool] | None:
+    def search_filter(self, ctx: Context, rtype: str | None, res: FromClause) -> ColumnElement[bool] | None:
         return None
 
     def visible(self, ctx: Context, store: Store, items: list[Stored], writing: bool = False) -> list[Stored]:

@@ -376,9 +376,9 @@ class FhirService:
         if query.getpages:
             return self._page(store, ctx, query, base)
         stmt = self.select(ctx, query, types)
-        if query.summary == "count":
-            total = store.execute(select(func.count()).select_from(stmt.subquery())).scalar_one()
-            bundle = {"resourceType": "Bundle", "type": "searchset", "total": total,
+        if query.summary == "count" or query.count == 0:  # _count=0: the total only, no page to walk
+            counted = store.execute(select(func.count()).select_from(stmt.subquery())).scalar_one()
+            bundle = {"resourceType": "Bundle", "type": "searchset", "total": counted,
                       "link": [{"relation": "self", "url": _url(base, query.self_params)}]}
             return Result(200, resource=bundle)
         rows = store.execute(stmt.limit(query.count + 1 + query.offset)).all()
@@ -652,11 +652,10 @@ class FhirService:
     def _meta_in_use(self, rtype: str | None) -> JSON:
         tok, uri, r = schema.sp_token, schema.sp_uri, schema.resource
         types = [rtype] if rtype else sorted(self.types)
-        tag_keys = [p.key for t in types for c, p in self.registry.params(t).items() if c in ("_tag", "_security")]
         prof_keys = [p.key for t in types for c, p in self.registry.params(t).items() if c == "_profile"]
         out: JSON = {}
         with self.db.read() as store:
-            for code, keys in (("_tag", tag_keys), ("_security", tag_keys)):
+            for code in ("_tag", "_security"):
                 wanted = [p.key for t in types for c, p in self.registry.params(t).items() if c == code]
                 rows = store.execute(select(tok.c.system, tok.c.code, tok.c.text).distinct()
                                      .join(r, r.c.res_pk == tok.c.res_pk)
@@ -718,7 +717,7 @@ def _meta_parameter(payload: Any) -> JSON:
     if isinstance(payload, dict) and payload.get("resourceType") == "Parameters":
         for p in payload.get("parameter", []):
             if isinstance(p, dict) and p.get("name") == "meta" and isinstance(p.get("valueMeta"), dict):
-                meta = copy.deepcopy(p["valueMeta"])
+                meta: JSON = copy.deepcopy(p["valueMeta"])
                 for key in ("tag", "security"):
                     if not all(isinstance(x, dict) for x in meta.get(key, [])):
                         break

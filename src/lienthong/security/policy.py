@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, false, insert, literal, or_, select, true, union
+from sqlalchemy import ColumnElement, FromClause, Select, and_, false, insert, literal, or_, select, true, union
 
 from lienthong.fhir.datetimes import now_us
 from lienthong.fhir.outcome import FhirError, OutcomeIssue, error
@@ -157,7 +157,7 @@ class AccessGuard:
         )
         return care.where(ref.c.target_id.in_(facility))
 
-    def _clause_for(self, rtype: str | None, res: Any, patients: Select[Any]) -> ColumnElement[bool]:
+    def _clause_for(self, rtype: str | None, res: FromClause, patients: Select[Any]) -> ColumnElement[bool]:
         ref = schema.sp_reference
         patient_side = and_(res.c.rtype == "Patient", res.c.rid.in_(patients))
         keys = [k for t, ks in self.compartment.items() for k in ks if rtype is None or t == rtype]
@@ -173,7 +173,7 @@ class AccessGuard:
             return compartment_side
         return true()
 
-    def search_filter(self, ctx: Context, rtype: str | None, res: Any) -> ColumnElement[bool] | None:
+    def search_filter(self, ctx: Context, rtype: str | None, res: FromClause) -> ColumnElement[bool] | None:
         p = _principal(ctx)
         patients = self.visible_patients(p)
         if patients is None:

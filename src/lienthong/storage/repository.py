@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, delete, false, func, insert, select, 
 from sqlalchemy.exc import IntegrityError
 
 from lienthong.fhir.datetimes import format_instant, now_us
-from lienthong.fhir.outcome import FhirError, error
+from lienthong.fhir.outcome import error
 from lienthong.fhir.search_params import IndexRows, SearchRegistry
 from lienthong.storage import schema
 from lienthong.storage.engine import is_sqlite

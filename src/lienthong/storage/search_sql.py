@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Table, and_, false, func, not_, or_, select, true
-from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy import ColumnElement, FromClause, Select, and_, false, func, not_, or_, select, true
 
 from lienthong.fhir.search_params import SearchParam
 from lienthong.fhir.search_query import (
@@ -30,7 +29,7 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _token_match(t: Table, v: TokenValue) -> ColumnElement[bool]:
+def _token_match(t: FromClause, v: TokenValue) -> ColumnElement[bool]:
     conds: list[ColumnElement[bool]] = []
     if v.code is not None:
         conds.append(t.c.code == v.code)
@@ -41,12 +40,12 @@ def _token_match(t: Table, v: TokenValue) -> ColumnElement[bool]:
     return and_(*conds) if conds else true()
 
 
-def _text_match(t: Table, folded: str) -> ColumnElement[bool]:
+def _text_match(t: FromClause, folded: str) -> ColumnElement[bool]:
     pattern = _like_escape(folded)
     return or_(t.c.text.like(pattern + "%", escape="\\"), t.c.text.like("% " + pattern + "%", escape="\\"))
 
 
-def _range_match(col: Any, v: RangeValue, hi_col: Any = None) -> ColumnElement[bool]:
+def _range_match(col: ColumnElement[Any], v: RangeValue, hi_col: ColumnElement[Any] | None = None) -> ColumnElement[bool]:
     """Range semantics for dates (lo/hi columns) and points for numbers (hi_col None)."""
     lo_c = col
     hi_c = hi_col if hi_col is not None else col
@@ -86,7 +85,7 @@ def _range_match(col: Any, v: RangeValue, hi_col: Any = None) -> ColumnElement[b
     return and_(lo_c <= v.hi + span, hi_c >= v.lo - span)
 
 
-def _value_match(t: Table, ptype: str, value: object, modifier: str | None) -> ColumnElement[bool]:
+def _value_match(t: FromClause, ptype: str, value: object, modifier: str | None) -> ColumnElement[bool]:
     if ptype == "token":
         assert isinstance(value, TokenValue)
         if modifier == "text":
@@ -137,7 +136,7 @@ def _value_match(t: Table, ptype: str, value: object, modifier: str | None) -> C
 class CriteriaCompiler:
     """Builds WHERE clauses; `res` is the resource-table alias being filtered."""
 
-    def clause(self, crit: Criterion, res: Any) -> ColumnElement[bool]:
+    def clause(self, crit: Criterion, res: FromClause) -> ColumnElement[bool]:
         if crit.type == "has":
             return self._has(crit, res)
         if crit.param is None:
@@ -151,7 +150,11 @@ class CriteriaCompiler:
         table = INDEX_TABLES["token" if crit.modifier in ("identifier", "of-type") else ptype]
         key = param.identifier_key if crit.modifier in ("identifier", "of-type") else param.key
         if crit.missing is not None:
-            present = res.c.res_pk.in_(select(table.c.res_pk).where(table.c.pkey == param.key))
+            present: ColumnElement[bool] = res.c.res_pk.in_(select(table.c.res_pk).where(table.c.pkey == param.key))
+            if ptype == "reference":  # a logical reference (identifier only) is a value too
+                tokens = INDEX_TABLES["token"]
+                present = or_(present, res.c.res_pk.in_(
+                    select(tokens.c.res_pk).where(tokens.c.pkey == param.identifier_key)))
             return not_(present) if crit.missing else present
         ptype_for_match = "token" if crit.modifier in ("identifier", "of-type") else ptype
         modifier = None if crit.modifier in ("not", "of-type", "identifier") else crit.modifier
@@ -163,7 +166,7 @@ class CriteriaCompiler:
             return not_(res.c.res_pk.in_(sub))
         return res.c.res_pk.in_(sub)
 
-    def _column_param(self, crit: Criterion, res: Any) -> ColumnElement[bool]:
+    def _column_param(self, crit: Criterion, res: FromClause) -> ColumnElement[bool]:
         if crit.code == "_id":
             if crit.missing is not None:
                 return false() if crit.missing else true()
@@ -175,7 +178,7 @@ class CriteriaCompiler:
         return or_(*[_range_match(res.c.last_updated, v, res.c.last_updated)
                      for v in crit.values if isinstance(v, RangeValue)])
 
-    def _chain(self, crit: Criterion, res: Any) -> ColumnElement[bool]:
+    def _chain(self, crit: Criterion, res: FromClause) -> ColumnElement[bool]:
         assert crit.param is not None and crit.chain is not None and crit.chain_type is not None
         target = resource.alias()
         target_ids = select(target.c.rid).where(
@@ -187,7 +190,7 @@ class CriteriaCompiler:
         )
         return res.c.res_pk.in_(sub)
 
-    def _has(self, crit: Criterion, res: Any) -> ColumnElement[bool]:
+    def _has(self, crit: Criterion, res: FromClause) -> ColumnElement[bool]:
         assert crit.has_param is not None and crit.chain is not None
         source = resource.alias()
         ref = INDEX_TABLES["reference"]
@@ -203,7 +206,7 @@ class CriteriaCompiler:
         )
         return res.c.rid.in_(sub)
 
-    def _composite(self, crit: Criterion, res: Any) -> ColumnElement[bool]:
+    def _composite(self, crit: Criterion, res: FromClause) -> ColumnElement[bool]:
         param = crit.param
         assert param is not None
         if crit.missing is not None:
@@ -225,7 +228,7 @@ class CriteriaCompiler:
         return or_(*alternatives)
 
 
-def _sort_key(code: str, desc: bool, param: SearchParam | None, res: Any) -> Any:
+def _sort_key(code: str, desc: bool, param: SearchParam | None, res: FromClause) -> Any:
     if code == "_id":
         col: Any = res.c.rid
     elif code == "_lastUpdated":
@@ -233,7 +236,7 @@ def _sort_key(code: str, desc: bool, param: SearchParam | None, res: Any) -> Any
     else:
         assert param is not None
         table = INDEX_TABLES[param.type]
-        column: ColumnClause[Any] = {
+        column = {
             "string": table.c.get("norm"),
             "token": table.c.get("code"),
             "date": table.c.get("hi" if desc else "lo"),
@@ -241,6 +244,7 @@ def _sort_key(code: str, desc: bool, param: SearchParam | None, res: Any) -> Any
             "quantity": table.c.get("value"),
             "uri": table.c.get("uri"),
         }[param.type]
+        assert column is not None
         agg = func.max(column) if desc else func.min(column)
         col = (
             select(agg)
