@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 
 from lienthong.api.app import ApiSettings, build_app
 from lienthong.fhir.search_params import registry
+from lienthong.identity.service import IdentityService
 from lienthong.interactions.service import FhirService
 from lienthong.security.accounts import Accounts
 from lienthong.security.audit import AuditTrail
@@ -38,6 +39,7 @@ class Node:
     db: Database
     service: FhirService
     auth: Authenticator | None
+    identity: IdentityService
 
     @property
     def accounts(self) -> Accounts:
@@ -50,21 +52,22 @@ def token_audience(settings: ApiSettings) -> str:
 
 def build_node(db: Database, settings: ApiSettings, secure: bool = True) -> Node:
     service = FhirService(db)
+    identity = IdentityService(service)
     if not secure:
-        return Node(db, service, None)
+        return Node(db, service, None, identity)
     audit = AuditTrail(db.engine, settings.node_name)
     guard = AccessGuard(db.registry, audit, service.compartment_params())
     service.guard = guard
     tokens = TokenService(db.engine, issuer=f"urn:lienthong:node:{settings.node_name}",
                           audience=token_audience(settings))
-    return Node(db, service, Authenticator(db.engine, Accounts(db.engine), tokens, guard))
+    return Node(db, service, Authenticator(db.engine, Accounts(db.engine), tokens, guard), identity)
 
 
 def create_app(url: str | None = None, settings: ApiSettings | None = None, secure: bool = True) -> Starlette:
     """The ASGI app of a node. `secure=False` is the explicit, local-only `--insecure-dev` mode."""
     settings = settings or ApiSettings()
     node = build_node(open_database(url), settings, secure)
-    app = build_app(node.service, settings, node.auth)
+    app = build_app(node.service, settings, node.auth, node.identity)
     app.state.node = node
     return app
 

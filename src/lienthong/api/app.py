@@ -25,6 +25,7 @@ from starlette.routing import Route
 from lienthong.fhir.datetimes import format_http_date
 from lienthong.fhir.outcome import FhirError, OutcomeIssue, error, operation_outcome
 from lienthong.fhir.shaping import shape
+from lienthong.identity.service import IdentityService
 from lienthong.interactions.body import parse_json, parse_resource
 from lienthong.interactions.bundles import BundleProcessor
 from lienthong.interactions.capability import capability_statement
@@ -61,10 +62,12 @@ class ApiSettings:
 class FhirApi:
     """Request handlers bound to one service."""
 
-    def __init__(self, service: FhirService, settings: ApiSettings, auth: Authenticator | None = None) -> None:
+    def __init__(self, service: FhirService, settings: ApiSettings, auth: Authenticator | None = None,
+                 identity: IdentityService | None = None) -> None:
         self.service = service
         self.settings = settings
         self.auth = auth
+        self.identity = identity
         self.bundles = BundleProcessor(service)
         self.exports = ExportManager(service)
         self._capability: dict[str, Any] | None = None
@@ -260,6 +263,10 @@ class FhirApi:
             grant = await run_in_threadpool(self.auth.break_glass, ctx, rid, pairs.get("reason", ""))
             return self.json(request, 200, orjson.dumps({"resourceType": "Parameters", "parameter": [
                 {"name": k, "valueString" if isinstance(v, str) else "valueInteger": v} for k, v in grant.items()]}))
+        elif sub == "$mpi-link" and rtype == "Patient" and request.method == "POST" and self.identity is not None:
+            self.service.check_id(rid)
+            outcome = await run_in_threadpool(self.identity.resolve, ctx, rid)
+            return self.json(request, 200, orjson.dumps(_as_parameters(outcome)))
         elif sub == "$access-report" and rtype == "Patient" and self.auth is not None:
             return await self.audit_bundle(request, ctx, {"patient": rid})
         elif sub in ("$meta-add", "$meta-delete") and request.method == "POST":
@@ -288,6 +295,9 @@ class FhirApi:
             result = await run_in_threadpool(svc.meta, ctx, rtype, None)
         elif op == "$export" and rtype == "Patient":
             return await self.export_kickoff(request, ctx, "patient")
+        elif op in ("$match", "$merge", "$unmerge") and rtype == "Patient" and request.method == "POST" \
+                and self.identity is not None:
+            return await self.identity_operation(request, ctx, op)
         else:
             raise error(404, "not-supported", f"Không hỗ trợ '{op}'", f"Operation '{op}' is not supported on {rtype}")
         return self.respond(request, result, ctx)
@@ -298,6 +308,18 @@ class FhirApi:
         if op == "$meta":
             result = await run_in_threadpool(self.service.meta, ctx, None, None)
             return self.respond(request, result, ctx)
+        if op == "$mpi-review" and self.identity is not None:
+            identity = self.identity
+            if request.method == "POST":
+                pairs = dict(_parameters_to_pairs(parse_json(await self.body(request))))
+                self.service.guard.authorize(ctx, "update", "Patient")
+                outcome = await run_in_threadpool(identity.decide, ctx, pairs.get("review", ""), pairs.get("decision", ""))
+                return self.json(request, 200, orjson.dumps(_as_parameters(outcome)))
+            self.service.guard.authorize(ctx, "search", "Patient")
+            status = request.query_params.get("status", "pending")
+            items = await run_in_threadpool(identity.reviews, status)
+            return self.json(request, 200, orjson.dumps({"resourceType": "Parameters", "parameter": [
+                {"name": "review", "part": _parts(item)} for item in items]}))
         if op == "$audit" and self.auth is not None:
             q = dict(self.query(request))
             return await self.audit_bundle(request, ctx, {k: q[k] for k in ("patient", "actor", "since") if k in q})
@@ -311,6 +333,23 @@ class FhirApi:
                 return Response(status_code=status, headers=headers)
             return Response(orjson.dumps(manifest), status_code=200, media_type="application/json")
         raise error(404, "not-supported", f"Không hỗ trợ '{op}'", f"Operation '{op}' is not supported")
+
+    async def identity_operation(self, request: Request, ctx: Context, op: str) -> Response:
+        assert self.identity is not None
+        payload = parse_json(await self.body(request))
+        if op == "$match":
+            bundle = await run_in_threadpool(self.identity.match, ctx, payload)
+            return self.json(request, 200, orjson.dumps(bundle))
+        values = _parameter_values(payload)
+        if op == "$merge":
+            source = values.get("source-patient", "").removeprefix("Patient/")
+            target = values.get("target-patient", "").removeprefix("Patient/")
+            self.service.check_id(source or "-")
+            self.service.check_id(target or "-")
+            outcome = await run_in_threadpool(self.identity.merge, ctx, source, target)
+        else:
+            outcome = await run_in_threadpool(self.identity.unmerge, ctx, values.get("merge", ""))
+        return self.json(request, 200, orjson.dumps(_as_parameters(outcome)))
 
     async def audit_bundle(self, request: Request, ctx: Context, query: dict[str, str]) -> Response:
         """The audit trail as a Bundle of AuditEvent, for auditors only (who accessed this record, and when)."""
@@ -348,6 +387,45 @@ class FhirApi:
         ctx = await self.context(request)
         data = await run_in_threadpool(self.exports.file, ctx, request.path_params["job"], request.path_params["name"])
         return Response(data, media_type="application/fhir+ndjson")
+
+
+def _as_parameters(values: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Parameters", "parameter": _parts(values)}
+
+
+def _parts(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Plain values to Parameters parts (lists repeat the name; nested data goes as a JSON string)."""
+    out: list[dict[str, Any]] = []
+    for name, value in values.items():
+        for item in value if isinstance(value, list) else [value]:
+            if item is None:
+                continue
+            if isinstance(item, bool):
+                out.append({"name": name, "valueBoolean": item})
+            elif isinstance(item, int):
+                out.append({"name": name, "valueInteger": item})
+            elif isinstance(item, float):
+                out.append({"name": name, "valueDecimal": item})
+            elif isinstance(item, str):
+                out.append({"name": name, "valueString": item})
+            else:
+                out.append({"name": name, "valueString": orjson.dumps(item).decode()})
+    return out
+
+
+def _parameter_values(payload: Any) -> dict[str, str]:
+    """Parameters of one string, code or Reference value each, by name (as used by $merge/$unmerge)."""
+    if not isinstance(payload, dict) or payload.get("resourceType") != "Parameters":
+        raise error(400, "invalid", "Cần tài nguyên Parameters", "Expected a Parameters resource")
+    out: dict[str, str] = {}
+    for p in payload.get("parameter", []):
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
+            raise error(400, "invalid", "Tham số không hợp lệ", "Invalid parameter entry")
+        ref = p.get("valueReference")
+        value = ref.get("reference") if isinstance(ref, dict) else p.get("valueString", p.get("valueCode"))
+        if isinstance(value, str):
+            out[p["name"]] = value
+    return out
 
 
 def _parameters_to_pairs(payload: Any) -> list[tuple[str, str]]:
@@ -439,14 +517,14 @@ EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]
 
 
 def build_app(service: FhirService, settings: ApiSettings | None = None,
-              auth: Authenticator | None = None) -> Starlette:
+              auth: Authenticator | None = None, identity: IdentityService | None = None) -> Starlette:
     from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
 
     from lienthong.api.auth import AuthApi
 
     settings = settings or ApiSettings()
-    api = FhirApi(service, settings, auth)
+    api = FhirApi(service, settings, auth, identity)
     all_routes = routes(api)
     if auth is not None:
         all_routes = AuthApi(auth, api.base_context).routes() + all_routes

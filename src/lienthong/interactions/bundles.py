@@ -128,7 +128,7 @@ class BundleProcessor:
                     result = self._run_in(ctx, store, e, written)
                 except FhirError as exc:
                     where = f"Bundle.entry[{e['index']}]"
-                    exc.issues = [OutcomeIssue(i.severity, i.code, i.diagnostics, i.expression or (where,))
+                    exc.issues = [OutcomeIssue(i.severity, i.code, i.diagnostics, _in_entry(i.expression, where))
                                   for i in exc.issues]
                     raise
                 responses[e["index"]] = _response_entry(ctx, result)
@@ -290,6 +290,14 @@ class BundleProcessor:
             return Result(200, found, body=found.body)
         query_obj, ignored = svc.parser.parse(parts[0], params, strict=ctx.strict)
         return svc._search_in(store, ctx, query_obj, ignored, None)
+
+
+def _in_entry(expression: tuple[str, ...], where: str) -> tuple[str, ...]:
+    """Locate issues inside the failing entry: `Observation.status` becomes `Bundle.entry[4].resource.status`."""
+    if not expression:
+        return (where,)
+    return tuple(e if e.startswith("Bundle.entry[") else f"{where}.resource{'.' if '.' in e else ''}"
+                 f"{e.partition('.')[2]}" for e in expression)
 
 
 _INTERACTION = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete", "GET": "read",

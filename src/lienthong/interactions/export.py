@@ -189,8 +189,8 @@ class ExportManager:
         """An output file, for the caller who asked for the export only."""
         files, job = schema.export_file, schema.export_job
         with self.db.read() as store:
-            owner = store.execute(select(job.c.owner).where(job.c.job_id == job_id)).first()
-            if owner is None or owner[0] != ctx.actor:
+            owner = store.execute(select(job.c.owner, job.c.status).where(job.c.job_id == job_id)).first()
+            if owner is None or owner[0] != ctx.actor or owner[1] == "cancelled":
                 raise error(404, "not-found", "Không có tệp này", "No such export file")
             data = store.execute(select(files.c.data).where(files.c.job_id == job_id, files.c.name == name)).first()
         if data is None:
@@ -203,5 +203,7 @@ class ExportManager:
             changed = store.conn.execute(update(job).where(job.c.job_id == job_id, job.c.status != "cancelled",
                                                            job.c.owner == ctx.actor)
                                          .values(status="cancelled")).rowcount
+            if changed:  # Bulk Data: a cancelled request's files SHOULD be deleted
+                store.conn.execute(schema.export_file.delete().where(schema.export_file.c.job_id == job_id))
         if not changed:
             raise error(404, "not-found", "Không có yêu cầu xuất này", "No such export job")

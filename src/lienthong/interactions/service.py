@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -74,6 +74,8 @@ class FhirService:
     def __init__(self, db: Database, guard: Guard | None = None) -> None:
         self.db = db
         self.guard: Guard = guard or OpenGuard()
+        # Domain rules beyond the R4 definitions (e.g. Vietnamese identifier formats), run on every write.
+        self.validators: list[Callable[[JSON], list[OutcomeIssue]]] = []
         self.registry: SearchRegistry = db.registry
         self.parser = QueryParser(self.registry)
         self.types = set(self.registry.by_type)
@@ -99,6 +101,9 @@ class FhirService:
             raise error(400, "invalid", "id trong thân không khớp với URL",
                         f"Body id '{resource.get('id')}' does not match the URL id '{rid}'")
         _validate(resource, rtype)
+        problems = [issue for check in self.validators for issue in check(resource)]
+        if problems:
+            raise FhirError(422, problems)
         return resource
 
     # ---- read ----------------------------------------------------------------
@@ -594,17 +599,17 @@ class FhirService:
         )
         members = store.execute(stmt).all()
         member_pks = [m[0] for m in members]
-        referenced: list[Any] = []
-        if member_pks:
-            targets: set[tuple[str, str]] = set()
-            for start in range(0, len(member_pks), 500):
-                targets.update(store.execute(
-                    select(ref.c.target_type, ref.c.target_id).where(
-                        ref.c.res_pk.in_(member_pks[start : start + 500]), ref.c.target_type.is_not(None),
-                        ref.c.target_type != "Patient")
-                ).all())
-            member_set = set(member_pks)
-            referenced = [s for s in store.fetch_current(sorted(targets)) if s.res_pk not in member_set]
+        # The Patient is in its own compartment, so what it references (GP, managing organisation) counts too.
+        sources = [patient.res_pk, *member_pks]
+        targets: set[tuple[str, str]] = set()
+        for start in range(0, len(sources), 500):
+            targets.update(store.execute(
+                select(ref.c.target_type, ref.c.target_id).where(
+                    ref.c.res_pk.in_(sources[start : start + 500]), ref.c.target_type.is_not(None),
+                    ref.c.target_type != "Patient")
+            ).all())
+        source_set = set(sources)
+        referenced = [s for s in store.fetch_current(sorted(targets)) if s.res_pk not in source_set]
         rows: list[tuple[int, int, str, int]] = [(patient.res_pk, patient.version, "Patient", patient.last_updated)]
         lu = dict(store.execute(select(r.c.res_pk, r.c.last_updated).where(r.c.res_pk.in_(member_pks))).all()) \
             if member_pks else {}

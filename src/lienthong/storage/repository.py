@@ -11,7 +11,7 @@ two writers can never both win.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +64,9 @@ class Database:
         self.engine = engine
         self.registry = registry
         self.sqlite = is_sqlite(engine)
+        # Called in the writing transaction after each new version: (store, type, id, resource or None if deleted).
+        # Domain indexes that must never disagree with the data (e.g. the patient index) hang here.
+        self.write_hooks: list[Callable[[Store, str, str, JSON | None], None]] = []
 
     @contextmanager
     def begin(self) -> Iterator[Store]:
@@ -184,6 +187,8 @@ class Store:
         body = self._stamp(resource, rid, 1)
         rows = self.db.registry.extract(resource)
         stored = Stored(0, rtype, rid, 1, self.now, False, body, method)
+        for hook in self.db.write_hooks:
+            hook(self, rtype, rid, resource)
         self._pending.append((resource, method, rows, body))
         self._pending_stored.append(stored)
         self._pending_ids.add((rtype, rid))
@@ -281,6 +286,8 @@ class Store:
         self._delete_index(current.res_pk)
         if resource is not None:
             self._insert_index([(current.res_pk, self.db.registry.extract(resource))])
+        for hook in self.db.write_hooks:
+            hook(self, current.rtype, current.rid, resource)
         return Stored(current.res_pk, current.rtype, current.rid, new_version, self.now, deleted, body, method)
 
     def rewrite_meta(self, current: Stored, resource: JSON) -> Stored:

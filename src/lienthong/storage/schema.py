@@ -290,3 +290,49 @@ audit_head = Table(
     Column("seq", BigInteger, nullable=False),
     Column("hash", String(64), nullable=False),
 )
+
+# ---- Master patient index (issue: patient identity across the province) ---------------------------
+
+mpi_person = Table(
+    "mpi_person",
+    metadata,
+    Column("patient_id", String(64), primary_key=True),
+    Column("record", Text, nullable=False),  # the matcher's PersonRecord as JSON
+    Column("updated", BigInteger, nullable=False),
+)
+mpi_block = Table(
+    "mpi_block",
+    metadata,
+    Column("key", String(160), nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Index("ix_mpi_block_key", "key"),
+    Index("ix_mpi_block_patient", "patient_id"),
+)
+mpi_review = Table(
+    "mpi_review",
+    metadata,
+    Column("review_id", String(40), primary_key=True),
+    Column("left_id", String(64), nullable=False),
+    Column("right_id", String(64), nullable=False),
+    Column("score", Float, nullable=False),
+    Column("explanation", Text, nullable=False),  # JSON list of {field, level, weight}
+    Column("status", String(16), nullable=False),  # pending | match | no-match
+    Column("source", String(64), nullable=True),  # what raised it (match, dedupe, exchange package id)
+    Column("created", BigInteger, nullable=False),
+    Column("decided_by", String(128), nullable=True),
+    Column("decided_at", BigInteger, nullable=True),
+    Index("ix_mpi_review_status", "status", "created"),
+)
+mpi_merge = Table(
+    "mpi_merge",
+    metadata,
+    Column("merge_id", String(40), primary_key=True),
+    Column("source_id", String(64), nullable=False),
+    Column("target_id", String(64), nullable=False),
+    Column("source_version", Integer, nullable=False),  # versions before the merge, restored by unmerge
+    Column("target_version", Integer, nullable=False),
+    Column("merged_by", String(128), nullable=True),
+    Column("merged_at", BigInteger, nullable=False),
+    Column("unmerged_by", String(128), nullable=True),
+    Column("unmerged_at", BigInteger, nullable=True),
+)

@@ -1,0 +1,175 @@
+"""The person record the index compares, and its prepared (columnar, normalised) form.
+
+Why columnar: batch linkage compares millions of candidate pairs; holding each
+normalised field as a numpy array lets comparisons run vectorised, and the online path
+reuses the same code on a table of one query plus its candidates, so both paths always
+compute identical comparison levels.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from lienthong.identity.identifiers import IdentifierError, parse_cccd, social_insurance_from
+from lienthong.identity.normalize import normalize_phone, normalize_sex, parse_address, parse_date, parse_name
+from lienthong.text import fold, nfc
+
+
+@dataclass(slots=True)
+class PersonRecord:
+    """One patient record as received; every field but the id is optional text.
+
+    The field names are the mapping names of the CLI (`--columns given=HO_TEN,...`).
+    """
+
+    record_id: str
+    given: str | None = None
+    family: str | None = None
+    full_name: str | None = None
+    birth_date: str | None = None
+    sex: str | None = None
+    phone: str | None = None
+    street_number: str | None = None
+    address: str | None = None
+    address2: str | None = None
+    locality: str | None = None
+    district: str | None = None
+    province: str | None = None
+    postcode: str | None = None
+    national_id: str | None = None
+    insurance_id: str | None = None
+    other_id: str | None = None
+    father_name: str | None = None
+    mother_name: str | None = None
+
+
+MATCH_FIELDS: Final[tuple[str, ...]] = tuple(f.name for f in fields(PersonRecord) if f.name != "record_id")
+"""Field names a CSV column can be mapped to."""
+
+STRING_COLUMNS: Final[tuple[str, ...]] = (
+    "given_acc", "given", "family", "middle", "dob_key", "commune", "province", "street", "street_number",
+    "address2", "postcode", "phone", "father", "mother", "insurance", "other_id", "national_id",
+)
+INT_COLUMNS: Final[tuple[str, ...]] = ("year", "month", "day", "sex", "given_plain")
+
+_ID_CLEAN = re.compile(r"[^0-9A-Za-z]")
+
+
+def _f(value: str | None) -> str:
+    return fold(value) if value else ""
+
+
+def derive(record: PersonRecord) -> dict[str, str | int]:
+    """Normalised comparison values of one record ("" / 0 = missing).
+
+    Cached on the field values: the online path sees the same candidates again and again.
+    The returned dict is shared; treat it as read-only.
+    """
+    return _derive(tuple(getattr(record, f) for f in MATCH_FIELDS))
+
+
+@lru_cache(maxsize=200_000)
+def _derive(values: tuple[str | None, ...]) -> dict[str, str | int]:
+    record = PersonRecord("", *values)
+    name = parse_name(record.full_name, family=record.family, given=record.given) if (
+        record.family or record.given
+    ) else parse_name(record.full_name)
+    date = parse_date(record.birth_date)
+    sex = normalize_sex(record.sex)
+    if record.locality or record.district or record.province:
+        addr = parse_address(
+            street=record.address, commune=record.locality, district=record.district, province=record.province
+        )
+    elif record.address and ("," in record.address or ";" in record.address):
+        addr = parse_address(record.address)
+    else:
+        addr = parse_address(street=record.address)
+    commune = addr.commune_key or (("t:" + fold(addr.commune_name)) if addr.commune_name else "")
+    province = addr.province_key or _f(addr.province_name)
+    national = ""
+    if record.national_id:
+        try:
+            national = parse_cccd(record.national_id).value
+        except IdentifierError:
+            national = ""
+    insurance = ""
+    if record.insurance_id:
+        try:
+            insurance = social_insurance_from(record.insurance_id)
+        except IdentifierError:
+            insurance = _ID_CLEAN.sub("", record.insurance_id).upper()
+    phone = ""
+    if record.phone:
+        phone = normalize_phone(record.phone) or re.sub(r"\D", "", record.phone)
+    father = parse_name(record.father_name).folded if record.father_name else ""
+    mother = parse_name(record.mother_name).folded if record.mother_name else ""
+    return {
+        "given_acc": nfc(name.given).lower(),
+        "given": fold(name.given),
+        "family": fold(name.family),
+        "middle": fold(name.middle),
+        "dob_key": date.key if date else "",
+        "year": date.year if date else 0,
+        "month": (date.month or 0) if date else 0,
+        "day": (date.day or 0) if date else 0,
+        "sex": {"male": 1, "female": 2}.get(sex or "", 0),
+        "given_plain": int(nfc(name.given).lower() == fold(name.given)),  # written without diacritics
+        "commune": commune,
+        "province": province,
+        "street": _f(addr.street),
+        "street_number": _f(record.street_number),
+        "address2": _f(record.address2),
+        "postcode": _ID_CLEAN.sub("", record.postcode or "").upper(),
+        "phone": phone,
+        "father": father,
+        "mother": mother,
+        "insurance": insurance,
+        "other_id": _ID_CLEAN.sub("", record.other_id or "").upper(),
+        "national_id": national,
+    }
+
+
+class PreparedTable:
+    """Normalised records as columns: object arrays of str, int arrays, and int codes.
+
+    `codes[col]` factorises each string column (-1 = missing) so equality is an integer
+    compare; codes are only comparable within one table, which is why link mode and the
+    online path prepare both sides together.
+    """
+
+    def __init__(self, ids: Sequence[str], rows: Sequence[dict[str, str | int]], source: Sequence[int]) -> None:
+        self.ids: list[str] = list(ids)
+        self.n = len(self.ids)
+        self.source: npt.NDArray[np.int8] = np.asarray(source, dtype=np.int8)
+        self.strs: dict[str, npt.NDArray[np.object_]] = {}
+        self.codes: dict[str, npt.NDArray[np.int32]] = {}
+        self.ints: dict[str, npt.NDArray[np.int32]] = {}
+        self.rows = rows
+        for col in STRING_COLUMNS:
+            values = [str(r[col]) for r in rows]
+            arr = np.empty(self.n, dtype=object)
+            arr[:] = values
+            self.strs[col] = arr
+            index: dict[str, int] = {}
+            self.codes[col] = np.fromiter(
+                (-1 if not v else index.setdefault(v, len(index)) for v in values), dtype=np.int32, count=self.n
+            )
+        for col in INT_COLUMNS:
+            self.ints[col] = np.fromiter((int(r[col]) for r in rows), dtype=np.int32, count=self.n)
+
+
+def prepare(records: Iterable[PersonRecord], other: Iterable[PersonRecord] | None = None) -> PreparedTable:
+    """Prepare one list (source 0), or two lists for linkage (sources 0 and 1)."""
+    left = list(records)
+    right = list(other) if other is not None else []
+    all_records = left + right
+    rows = [derive(r) for r in all_records]
+    source = [0] * len(left) + [1] * len(right)
+    return PreparedTable([r.record_id for r in all_records], rows, source)
