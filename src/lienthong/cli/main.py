@@ -14,6 +14,8 @@ import typer
 from lienthong import __version__
 from lienthong.cli.admin import audit_app, clients_app, keys_app, users_app
 from lienthong.cli.common import DB_OPTION, err, fail
+from lienthong.cli.mpi_admin import mpi_app
+from lienthong.cli.synth import synth_app
 
 app = typer.Typer(help="lienthong: kho FHIR R4 và liên thông dữ liệu y tế / FHIR R4 repository and health-data exchange",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -23,6 +25,8 @@ app.add_typer(users_app, name="users")
 app.add_typer(clients_app, name="clients")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
+app.add_typer(mpi_app, name="mpi")
+app.add_typer(synth_app, name="synth")
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

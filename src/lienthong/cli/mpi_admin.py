@@ -1,0 +1,51 @@
+"""`lienthong mpi review list|decide` and `lienthong mpi index`: the review queue and the index, from a shell."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lienthong.cli.common import DB_OPTION, fail
+from lienthong.cli.mpi import mpi_app
+from lienthong.fhir.outcome import FhirError
+
+review_app = typer.Typer(help="Hàng đợi xét duyệt trùng bệnh nhân / Possible-match review queue", no_args_is_help=True)
+mpi_app.add_typer(review_app, name="review")
+out = Console()
+
+
+@review_app.command("list")
+def review_list(status: str = typer.Option("pending", "--status"), db: str = DB_OPTION) -> None:
+    """Liệt kê các cặp cần xét / List the pairs waiting for a decision."""
+    from lienthong.cli.operator import open_node
+
+    node = open_node(db)
+    table = Table("review", "left", "right", "score", "why")
+    for item in node.identity.reviews(status):
+        why = ", ".join(f"{w['field']}={w['level']}" for w in item["explanation"][1:6])
+        table.add_row(item["review_id"], item["left_id"], item["right_id"], f"{item['score']:.1f}", why)
+    out.print(table)
+
+
+@review_app.command("decide")
+def review_decide(review_id: str, decision: str = typer.Argument(..., help="match | no-match"),
+                  db: str = DB_OPTION) -> None:
+    """Quyết định một cặp / Decide one pair (audited)."""
+    from lienthong.cli.operator import open_node, operator_context
+
+    node = open_node(db)
+    try:
+        result = node.identity.decide(operator_context(node), review_id, decision)
+    except FhirError as exc:
+        fail("không quyết định được", str(exc))
+    out.print(f"{review_id}: {decision}" + (f" → golden Patient/{result['golden']}" if result.get("golden") else ""))
+
+
+@mpi_app.command("index")
+def mpi_index(db: str = DB_OPTION) -> None:
+    """Dựng lại chỉ mục bệnh nhân / Rebuild the patient index from the stored Patients."""
+    from lienthong.cli.operator import open_node
+
+    count = open_node(db).identity.rebuild()
+    out.print(f"Đã lập chỉ mục / indexed {count} patients")
