@@ -372,7 +372,7 @@ class FhirService:
             self.check_type(rtype)
         self.guard.authorize(ctx, "search", rtype)
         query, ignored = self.parser.parse(rtype, params, strict=ctx.strict)
-        with self.db.begin() as store:
+        with self.db.read() as store:
             return self._search_in(store, ctx, query, ignored, types)
 
     def _search_in(self, store: Store, ctx: Context, query: SearchQuery, ignored: list[OutcomeIssue],
@@ -407,6 +407,9 @@ class FhirService:
     def _snapshot(self, store: Store, keys: Sequence[tuple[int, int]], self_url: str, total: int,
                   modes: Sequence[str] | None = None) -> str:
         sid = secrets.token_hex(16)
+        if not store.writable:  # a read-only search: the snapshot gets its own short write transaction
+            with self.db.begin() as writer:
+                return self._snapshot(writer, keys, self_url, total, modes)
         conn = store.conn
         conn.execute(delete(schema.search_set).where(schema.search_set.c.created < store.now - SNAPSHOT_TTL_US))
         conn.execute(insert(schema.search_set).values(sid=sid, created=store.now, total=total, query=self_url))
@@ -557,9 +560,9 @@ class FhirService:
         self.guard.authorize(ctx, "everything", "Patient")
         if page:
             query, _ = self.parser.parse(None, [*page, ("_count", str(count))])
-            with self.db.begin() as store:
+            with self.db.read() as store:
                 return self._page(store, ctx, query, ctx.base_url)
-        with self.db.begin() as store:
+        with self.db.read() as store:
             patient = store.current("Patient", rid)
             if patient is None or patient.deleted or self._hidden(ctx, store, patient):
                 raise self._not_found(ctx, "operation", "Patient", rid)

@@ -20,7 +20,7 @@ from lienthong.fhir.outcome import FhirError, OutcomeIssue
 from lienthong.interactions.context import Context
 from lienthong.interactions.guard import AuditFacts
 from lienthong.security import scopes as smart
-from lienthong.security.accounts import Accounts, LoginFailed, User
+from lienthong.security.accounts import Accounts, Client, LoginFailed, User
 from lienthong.security.policy import BTG_MINUTES, AccessGuard, Principal
 from lienthong.security.roles import ROLES
 from lienthong.security.tokens import Claims, TokenError, TokenService
@@ -63,6 +63,7 @@ class Authenticator:
         self.tokens = tokens
         self.guard = guard
         self._users: dict[str, tuple[float, User | None]] = {}
+        self._clients: dict[str, tuple[float, Client | None]] = {}
         self._lock = threading.Lock()
 
     # ---- issuing ---------------------------------------------------------------
@@ -126,7 +127,7 @@ class Authenticator:
             self.guard.on_access(ctx, AuditFacts("refused", outcome=4, detail=f"token rejected: {exc}"))
             raise unauthorized("Token không hợp lệ", str(exc)) from None
         if claims.raw.get("kind") == "client":
-            client = self.accounts.get_client(claims.subject)
+            client = self._client(claims.subject)
             if client is None or client.disabled:
                 raise unauthorized("Máy khách bị vô hiệu", "Client disabled")
             resource_scopes, _ = smart.parse_scopes(str(claims.raw.get("scope", "")))
@@ -143,6 +144,16 @@ class Authenticator:
         return Principal("user", user.username, user.user_id, resource_scopes, user.facility, roles,
                          user.practitioner_id, claims.raw.get("patient"),
                          self.guard.break_glass_grants(user.user_id, self.engine), token=claims)
+
+    def _client(self, client_id: str) -> Client | None:
+        now = time.monotonic()
+        cached = self._clients.get(client_id)
+        if cached is not None and now - cached[0] < USER_CACHE_S:
+            return cached[1]
+        client = self.accounts.get_client(client_id)
+        with self._lock:
+            self._clients[client_id] = (now, client)
+        return client
 
     def _user(self, user_id: str) -> User | None:
         now = time.monotonic()

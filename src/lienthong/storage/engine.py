@@ -48,7 +48,9 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
             # IMMEDIATE takes the write lock up front, so concurrent writers queue instead of deadlocking.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Autocommit connections (reads) begin nothing and never hold the lock.
+            if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     kwargs.setdefault("pool_size", 20)

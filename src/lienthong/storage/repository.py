@@ -72,24 +72,24 @@ class Database:
     def begin(self) -> Iterator[Store]:
         """A write transaction: everything inside commits together or not at all."""
         with self.engine.begin() as conn:
-            store = Store(conn, self)
+            store = Store(conn, self, writable=True)
             yield store
             store.flush()
 
     @contextmanager
     def read(self) -> Iterator[Store]:
-        """A read-only unit of work (no write lock on SQLite)."""
-        with self.engine.connect() as conn:
-            yield Store(conn, self)
-            conn.rollback()
+        """Reads in autocommit: no BEGIN/ROLLBACK round trips, and no write lock on SQLite."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            yield Store(conn, self, writable=False)
 
 
 class Store:
     """Operations inside one transaction."""
 
-    def __init__(self, conn: Connection, db: Database) -> None:
+    def __init__(self, conn: Connection, db: Database, writable: bool = True) -> None:
         self.conn = conn
         self.db = db
+        self.writable = writable
         self.now = now_us()
         self.now_text = format_instant(self.now)
         self._pending: list[tuple[JSON, str, IndexRows, bytes]] = []  # new resource, method, index, body
