@@ -12,6 +12,7 @@ from starlette.applications import Starlette
 
 from lienthong.api.app import ApiSettings, build_app
 from lienthong.fhir.search_params import registry
+from lienthong.exchange.service import ExchangeService
 from lienthong.identity.service import IdentityService
 from lienthong.interactions.service import FhirService
 from lienthong.security.accounts import Accounts
@@ -40,6 +41,7 @@ class Node:
     service: FhirService
     auth: Authenticator | None
     identity: IdentityService
+    exchange: ExchangeService | None = None
 
     @property
     def accounts(self) -> Accounts:
@@ -66,8 +68,11 @@ def build_node(db: Database, settings: ApiSettings, secure: bool = True) -> Node
 def create_app(url: str | None = None, settings: ApiSettings | None = None, secure: bool = True) -> Starlette:
     """The ASGI app of a node. `secure=False` is the explicit, local-only `--insecure-dev` mode."""
     settings = settings or ApiSettings()
-    node = build_node(open_database(url), settings, secure)
-    app = build_app(node.service, settings, node.auth, node.identity)
+    return app_for(build_node(open_database(url), settings, secure), settings)
+
+
+def app_for(node: Node, settings: ApiSettings) -> Starlette:
+    app = build_app(node.service, settings, node.auth, node.identity, node.exchange)
     app.state.node = node
     return app
 

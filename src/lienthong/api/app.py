@@ -25,6 +25,7 @@ from starlette.routing import Route
 from lienthong.fhir.datetimes import format_http_date
 from lienthong.fhir.outcome import FhirError, OutcomeIssue, error, operation_outcome
 from lienthong.fhir.shaping import shape
+from lienthong.exchange.service import ExchangeService
 from lienthong.identity.service import IdentityService
 from lienthong.interactions.body import parse_json, parse_resource
 from lienthong.interactions.bundles import BundleProcessor
@@ -517,7 +518,8 @@ EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]
 
 
 def build_app(service: FhirService, settings: ApiSettings | None = None,
-              auth: Authenticator | None = None, identity: IdentityService | None = None) -> Starlette:
+              auth: Authenticator | None = None, identity: IdentityService | None = None,
+              exchange: ExchangeService | None = None) -> Starlette:
     from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
 
@@ -526,6 +528,10 @@ def build_app(service: FhirService, settings: ApiSettings | None = None,
     settings = settings or ApiSettings()
     api = FhirApi(service, settings, auth, identity)
     all_routes = routes(api)
+    if exchange is not None:
+        from lienthong.api.exchange import ExchangeApi
+
+        all_routes = ExchangeApi(exchange, api).routes() + all_routes
     if auth is not None:
         all_routes = AuthApi(auth, api.base_context).routes() + all_routes
     middleware = [Middleware(SecurityHeaders)]

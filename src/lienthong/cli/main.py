@@ -14,6 +14,7 @@ import typer
 from lienthong import __version__
 from lienthong.cli.admin import audit_app, clients_app, keys_app, users_app
 from lienthong.cli.common import DB_OPTION, err, fail
+from lienthong.cli.demo import demo
 from lienthong.cli.mpi_admin import mpi_app
 from lienthong.cli.synth import synth_app
 
@@ -27,6 +28,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
 app.add_typer(mpi_app, name="mpi")
 app.add_typer(synth_app, name="synth")
+app.command()(demo)
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

@@ -18,6 +18,7 @@ from sqlalchemy import Boolean, Column, Engine, Integer, String, Table, Text, in
 
 from lienthong.fhir.datetimes import now_us
 from lienthong.fhir.outcome import error
+from lienthong.storage.engine import read_connection
 from lienthong.storage.schema import metadata
 
 CLEARANCE = ("pending", "cleared", "suspended")
@@ -97,13 +98,13 @@ class Registry:
 
     def get(self, code: str) -> Facility | None:
         t = facility_registry
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             row = conn.execute(select(t).where(t.c.code == code)).mappings().first()
         return _facility(dict(row)) if row else None
 
     def list(self) -> list[Facility]:
         t = facility_registry
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             rows = conn.execute(select(t).order_by(t.c.code)).mappings().all()
         return [_facility(dict(r)) for r in rows]
 

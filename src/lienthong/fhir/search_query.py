@@ -16,7 +16,7 @@ from decimal import Decimal, InvalidOperation
 from lienthong.fhir.datetimes import DateFormatError, parse_range
 from lienthong.fhir.outcome import FhirError, OutcomeIssue, error
 from lienthong.fhir.search_params import COLUMN_PARAMS, SearchParam, SearchRegistry
-from lienthong.text import fold
+from lienthong.text import fold, nfc
 
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 RESULT_PARAMS = {
@@ -192,7 +192,9 @@ class QueryParser:
     def _one(self, query: SearchQuery, name: str, raw: str) -> None:
         if len(raw) > 4096:
             raise _bad(name, "giá trị quá dài", "value too long")
-        if name in RESULT_PARAMS:
+        if "\x00" in raw:  # no stored text holds NUL, and PostgreSQL refuses it as a parameter
+            raise _bad(name, "giá trị chứa ký tự NUL", "value contains the NUL character")
+        if name in RESULT_PARAMS or name.split(":", 1)[0] in ("_include", "_revinclude"):
             self._result_param(query, name, raw)
             return
         rtype = query.resource_type
@@ -245,7 +247,9 @@ class QueryParser:
             query.summary = raw
         elif name == "_elements":
             query.elements = [e.strip() for e in raw.split(",") if e.strip()]
-        elif name in ("_include", "_revinclude"):
+        elif name.split(":", 1)[0] in ("_include", "_revinclude"):  # also :iterate and :recurse
+            if name.partition(":")[2] not in ("", "iterate", "recurse"):
+                raise _Unknown(f"Không hỗ trợ '{name}' / '{name}' is not supported")
             query.includes.append(self._include(query.resource_type, name, raw))
         elif name in ("_format", "_pretty"):
             return  # handled by the HTTP layer, never echoed into paging links
@@ -354,7 +358,7 @@ class QueryParser:
         if ptype == "token":
             return _token(name, raw, modifier)
         if ptype == "string":
-            return StringValue(unescape(raw), fold(unescape(raw)))
+            return StringValue(nfc(unescape(raw)), fold(unescape(raw)))
         if ptype == "uri":
             return StringValue(unescape(raw), unescape(raw))
         if ptype == "date":

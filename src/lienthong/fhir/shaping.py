@@ -6,7 +6,7 @@ to the summary comes from the official definitions (`isSummary`), not a list.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from lienthong.fhir import definitions
@@ -15,7 +15,7 @@ SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValu
 _ALWAYS = ("resourceType", "id", "meta")
 
 
-@lru_cache(maxsize=None)
+@cache
 def summary_elements(resource_type: str) -> frozenset[str]:
     """Top-level element names flagged isSummary (choice names expanded by prefix at use)."""
     sd = definitions.load().structures.get(resource_type)

@@ -101,6 +101,7 @@ INSURANCE: Final = FEATURE_INDEX["insurance_id"]
 FAMILY: Final = FEATURE_INDEX["family"]
 LEARNT: Final[tuple[int, ...]] = tuple(k for k in range(len(FEATURES)) if k != NATIONAL_ID)
 MAX_LEVELS: Final = max(len(f.levels) for f in FEATURES) + 1
+assert MAX_LEVELS <= 8, "EM packs a level into 3 bits"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +117,12 @@ class FitSettings:
     """Training options; defaults suit populations of 1k–1M records."""
 
     max_block_size: int = 1000
-    random_pairs: int = 1_000_000
+    random_pairs: int = 400_000
     em_iterations: int = 60
     tf_keep: int = 3000
     seed: int = 42
     national_id_weights: tuple[float, float, float] = (20.0, -4.0, -20.0)
+    sibling_guard: bool | None = None  # None: decide from the data (see `_twin_evidence`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,17 +216,18 @@ def _given_levels(t: PreparedTable, i: IntArray, j: IntArray) -> LevelArray:
     out[folded_only & ~plain] = 3
     out[base >= 2] = base[base >= 2] + 2  # 4, 5, 6 -> different below
     out[out == 6] = 7
-    swapped = _swapped(t, i, j)
-    out[(out >= 4) & swapped] = 6
+    out[_swapped(t, i, j, out >= 4)] = 6
     return out
 
 
 def _cross_similar(
-    t: PreparedTable, i: IntArray, j: IntArray, col_a: str, col_b: str, threshold: float = 0.9
+    t: PreparedTable, i: IntArray, j: IntArray, col_a: str, col_b: str, where: npt.NDArray[np.bool_],
+    threshold: float = 0.9,
 ) -> npt.NDArray[np.bool_]:
-    """True where a.col_a ≈ b.col_b and a.col_b ≈ b.col_a (fields entered the wrong way round)."""
+    """True where a.col_a ≈ b.col_b and a.col_b ≈ b.col_a (fields entered the wrong way round);
+    only evaluated where `where` holds, to keep batch scoring cheap."""
     ai, aj, bi, bj = t.codes[col_a][i], t.codes[col_a][j], t.codes[col_b][i], t.codes[col_b][j]
-    out: npt.NDArray[np.bool_] = (ai >= 0) & (bi >= 0) & (aj >= 0) & (bj >= 0) & (ai != aj) & (ai != bi)
+    out: npt.NDArray[np.bool_] = where & (ai >= 0) & (bi >= 0) & (aj >= 0) & (bj >= 0) & (ai != aj) & (ai != bi)
     idx = np.flatnonzero(out)
     if len(idx):
         s1 = _jw(t.strs[col_a][i[idx]], t.strs[col_b][j[idx]])
@@ -233,14 +236,14 @@ def _cross_similar(
     return out
 
 
-def _swapped(t: PreparedTable, i: IntArray, j: IntArray) -> npt.NDArray[np.bool_]:
-    return _cross_similar(t, i, j, "given", "family")
+def _swapped(t: PreparedTable, i: IntArray, j: IntArray, where: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    return _cross_similar(t, i, j, "given", "family", where)
 
 
 def _family_levels(t: PreparedTable, i: IntArray, j: IntArray) -> LevelArray:
     out = _string_levels(t, i, j, "family", (0.92,))  # 1, 2, 3 different
     out[out == 3] = 4
-    out[(out >= 2) & _swapped(t, i, j)] = 3
+    out[_swapped(t, i, j, out >= 2)] = 3
     return out
 
 
@@ -286,9 +289,12 @@ def _commune_levels(t: PreparedTable, i: IntArray, j: IntArray) -> LevelArray:
 
 
 def _street_levels(t: PreparedTable, i: IntArray, j: IntArray) -> LevelArray:
+    """Fuzzy levels only when the numbers agree: "thôn 8" is not "thôn 9", nor "số 12" "số 21"."""
     out = _string_levels(t, i, j, "street", (0.90, 0.75))  # 1, 2, 3, 4 different
+    fuzzy = (out == 2) | (out == 3)
+    out[fuzzy & (t.codes["street_digits"][i] != t.codes["street_digits"][j])] = 4
     out[out == 4] = 5
-    out[(out >= 3) & _cross_similar(t, i, j, "street", "address2")] = 4
+    out[_cross_similar(t, i, j, "street", "address2", out >= 3)] = 4
     return out
 
 
@@ -334,8 +340,10 @@ def _keys_from_row(row: dict[str, str | int]) -> list[str]:
         keys.append(f"nm:{first}|{second}|{year}")
     if given and commune:
         keys.append(f"gc:{given}|{commune}")
-    if family and commune:
-        keys.append(f"fc:{family}|{commune}")
+    if family and commune and year:
+        keys.append(f"fc:{family}|{commune}|{year // 10}")  # birth decade keeps Nguyễn blocks small
+    if family and row["street"]:
+        keys.append(f"fs:{family}|{row['street']}|{commune}")
     if year and month and day:
         lo, hi = sorted((month, day))
         keys.append(f"db:{year}|{lo}|{hi}")
@@ -353,9 +361,9 @@ def blocking_keys(record: PersonRecord) -> list[str]:
     """Keys under which a record is indexed; two records are candidates if they share one.
 
     Rules (OR'ed, chosen for recall): CCCD; social-insurance number; phone; other id;
-    folded family+given (either order)+birth year; given+commune; family+commune; birth
-    date with day/month order ignored (catches swaps); street+postcode; postcode+house
-    number; family+postcode. The database indexes
+    folded family+given (either order)+birth year; given+commune; family+commune+birth
+    decade; family+street+commune; birth date with day/month order ignored (catches
+    swaps); street+postcode; postcode+house number; family+postcode. The database indexes
     these strings; `MatchModel.score` then ranks what they retrieve.
     """
     return _keys_from_row(derive(record))
@@ -399,7 +407,8 @@ def candidate_pairs(t: PreparedTable, *, link: bool = False, max_block_size: int
     right_pos = left_pos + 1 + offsets
     a, b = rec_a[left_pos], rec_a[right_pos]
     lo, hi = np.minimum(a, b), np.maximum(a, b)
-    pair = np.unique(lo * t.n + hi)
+    pair = np.sort(lo * t.n + hi)
+    pair = pair[np.r_[True, pair[1:] != pair[:-1]]]
     i, j = pair // t.n, pair % t.n
     if link:
         cross = t.source[i] != t.source[j]
@@ -486,8 +495,14 @@ def _em(
     Pairs with equal valid CCCDs are fixed as matches and conflicting ones as non-matches
     (anchors); the national-id feature itself is not learnt.
     """
-    patterns, counts = np.unique(levels, axis=0, return_counts=True)
-    counts = counts.astype(np.float64)
+    # Distinct comparison patterns: pack each row (levels < 8) into one int64, 3 bits a field.
+    shifts = (3 * np.arange(levels.shape[1])).astype(np.int64)
+    keys = (levels.astype(np.int64) << shifts).sum(axis=1)
+    keys.sort()
+    first = np.r_[True, keys[1:] != keys[:-1]]
+    uniq = keys[first]
+    counts = np.diff(np.r_[np.flatnonzero(first), len(keys)]).astype(np.float64)
+    patterns = ((uniq[:, None] >> shifts) & 7).astype(np.int8)
     learnt = np.asarray(LEARNT)
     anchor_pos = patterns[:, NATIONAL_ID] == 1
     anchor_neg = patterns[:, NATIONAL_ID] == 3
@@ -514,10 +529,12 @@ def _em(
 class MatchModel:
     """A fitted Fellegi–Sunter model: per-field level weights, prior, TF tables, thresholds.
 
-    `sibling_guard`: a pair born the same day whose given names differ (or are merely
-    similar, or differ in accents with both written accented) — the twin pattern — is
-    never auto-linked, only sent to review. Twins share everything a
-    household shares, which breaks the independence assumption of Fellegi–Sunter.
+    `sibling_guard`: a pair showing the twin pattern (same birthday and household,
+    different given names; see `_twin_pattern`) is never auto-linked, only sent to
+    review, unless a personal identifier agrees. Twins share everything a household
+    shares, which breaks the independence assumption of Fellegi–Sunter. `fit` switches the
+    guard on when, among candidate pairs with that pattern, identifiers conflict at least
+    as often as they agree (siblings), or when there is too little evidence to tell.
 
     Serialise with `to_json`/`from_json` so a node can load trained parameters.
     """
@@ -590,11 +607,7 @@ class MatchModel:
         decision = np.where(score >= self.thresholds.match, 2, np.where(score >= self.thresholds.review, 1, 0))
         decision = decision.astype(np.int8)
         if self.sibling_guard and len(i):
-            given, dob = levels[:, GIVEN], levels[:, BIRTH_DATE]
-            same_person_id = np.isin(levels[:, OTHER_ID], (1, 2)) | np.isin(levels[:, INSURANCE], (1, 2))
-            household = (levels[:, PHONE] == 1) | (levels[:, FATHER] == 1) | (levels[:, MOTHER] == 1)
-            household |= (levels[:, STREET] == 1) & (levels[:, COMMUNE] == 1)
-            guard = np.isin(given, (3, 5, 7)) & (dob == 1) & household & ~same_person_id
+            guard = _twin_pattern(levels) & ~_ids_agree(levels)
             decision[guard & (decision == 2)] = 1
         id_level = levels[:, NATIONAL_ID] if len(i) else np.zeros(0, dtype=np.int8)
         decision[id_level == 1] = 2
@@ -759,6 +772,40 @@ class MatchModel:
         return cls.from_json(Path(path).read_text(encoding="utf-8"))
 
 
+def _twin_pattern(levels: LevelArray) -> npt.NDArray[np.bool_]:
+    """Born the same day, same household (phone, a parent's name, or street+commune), and
+    the given names differ, are merely similar, or differ in accents both written accented —
+    or are close but sex or middle name disagree ("Phan Bá Hùng" / "Phan Thị Thanh Hương")."""
+    household = (levels[:, PHONE] == 1) | (levels[:, FATHER] == 1) | (levels[:, MOTHER] == 1)
+    household |= (levels[:, STREET] == 1) & (levels[:, COMMUNE] == 1)
+    given = levels[:, GIVEN]
+    differs = np.isin(given, (3, 5, 7)) | (
+        (given == 4) & ((levels[:, FEATURE_INDEX["sex"]] == 2) | (levels[:, FEATURE_INDEX["middle"]] == 2))
+    )
+    result: npt.NDArray[np.bool_] = differs & (levels[:, BIRTH_DATE] == 1) & household
+    return result
+
+
+def _ids_agree(levels: LevelArray) -> npt.NDArray[np.bool_]:
+    """Some personal identifier agrees, allowing one typo (insurance or other id)."""
+    result: npt.NDArray[np.bool_] = np.isin(levels[:, OTHER_ID], (1, 2)) | np.isin(levels[:, INSURANCE], (1, 2))
+    return result
+
+
+def _twin_evidence(levels: LevelArray) -> tuple[int, int]:
+    """(agreeing, conflicting) personal ids among candidate pairs showing the twin pattern.
+
+    Why: whether "same birthday, same household, different given name" means siblings or
+    one person with a re-typed name is a property of the population. Identifiers settle it
+    where both records carry one: siblings' ids conflict, a person's ids agree.
+    """
+    pattern = _twin_pattern(levels)
+    ids = levels[:, (NATIONAL_ID, INSURANCE, OTHER_ID)]
+    agree = pattern & (np.isin(ids, (1, 2)).any(axis=1))
+    conflict = pattern & (ids == 3).any(axis=1) & ~agree
+    return int(agree.sum()), int(conflict.sum())
+
+
 def _probability(score: float) -> float:
     if score > 60:
         return 1.0
@@ -818,6 +865,11 @@ def fit(
     prior_p = min(expected_matches / max(total_pairs, 1), 0.5)
     prior = math.log2(prior_p / (1 - prior_p))
 
+    agree, conflict = _twin_evidence(cand_levels) if len(ci) else (0, 0)
+    guard = s.sibling_guard
+    if guard is None:  # too little evidence: stay on the safe side (review, not merge)
+        guard = conflict >= agree if agree + conflict >= 10 else True
+
     tf: dict[str, dict[str, float]] = {}
     floors: dict[str, float] = {}
     for col in ("given", "family"):
@@ -831,7 +883,10 @@ def fit(
         tf_floor=floors,
         thresholds=thresholds or Thresholds(),
         national_id_weights=s.national_id_weights,
+        sibling_guard=guard,
         training={
+            "twin_pattern_ids_agree": agree,
+            "twin_pattern_ids_conflict": conflict,
             "records": t.n,
             "link": link,
             "candidate_pairs": len(ci),

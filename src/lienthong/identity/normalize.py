@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final, Literal
 
-from lienthong.identity.admin_units import Generation, admin_units
+from lienthong.identity.admin_units import Generation, admin_units, unit_key
 from lienthong.identity.names_data import COMMON_MIDDLE_NAMES, FAMILY_NAMES
 from lienthong.text import fold, nfc
 
@@ -461,6 +461,7 @@ class Address:
         return self.commune_key is not None
 
 
+_COMMUNE_KINDS: Final = frozenset({"commune", "ward", "town", "special"})
 _UNIT_WORDS = re.compile(
     r"\b(thanh pho|thi tran|thi xa|dac khu|tinh|huyen|quan|phuong|xa|tp)\b(?=[ .])"
 )
@@ -501,7 +502,11 @@ def parse_address(
             province = parts.pop()
         units = admin_units()
         legacy_p, _new_p = units.find_province(province or "")
-        if not district and len(parts) >= 2 and legacy_p and units.find_district(legacy_p, parts[-1]):
+        if (
+            not district and len(parts) >= 2 and legacy_p
+            and unit_key(parts[-1])[0] not in _COMMUNE_KINDS  # "Xã Yên Phong" is not "Huyện Yên Phong"
+            and units.find_district(legacy_p, parts[-1])
+        ):
             district = parts.pop()
         if not commune and parts:
             commune = parts.pop()

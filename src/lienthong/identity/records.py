@@ -54,12 +54,14 @@ MATCH_FIELDS: Final[tuple[str, ...]] = tuple(f.name for f in fields(PersonRecord
 """Field names a CSV column can be mapped to."""
 
 STRING_COLUMNS: Final[tuple[str, ...]] = (
-    "given_acc", "given", "family", "middle", "dob_key", "commune", "province", "street", "street_number",
+    "given_acc", "given", "family", "middle", "dob_key", "commune", "province", "street", "street_digits",
+    "street_number",
     "address2", "postcode", "phone", "father", "mother", "insurance", "other_id", "national_id",
 )
 INT_COLUMNS: Final[tuple[str, ...]] = ("year", "month", "day", "sex", "given_plain")
 
 _ID_CLEAN = re.compile(r"[^0-9A-Za-z]")
+_DIGITS = re.compile(r"\d+")
 
 
 def _f(value: str | None) -> str:
@@ -75,7 +77,7 @@ def derive(record: PersonRecord) -> dict[str, str | int]:
     return _derive(tuple(getattr(record, f) for f in MATCH_FIELDS))
 
 
-@lru_cache(maxsize=200_000)
+@lru_cache(maxsize=50_000)  # ~100 MB at most; candidates of online queries repeat
 def _derive(values: tuple[str | None, ...]) -> dict[str, str | int]:
     record = PersonRecord("", *values)
     name = parse_name(record.full_name, family=record.family, given=record.given) if (
@@ -124,6 +126,7 @@ def _derive(values: tuple[str | None, ...]) -> dict[str, str | int]:
         "commune": commune,
         "province": province,
         "street": _f(addr.street),
+        "street_digits": " ".join(_DIGITS.findall(addr.street)) or "-",  # house/village numbers
         "street_number": _f(record.street_number),
         "address2": _f(record.address2),
         "postcode": _ID_CLEAN.sub("", record.postcode or "").upper(),

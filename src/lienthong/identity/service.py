@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import lru_cache
 from importlib import resources
@@ -66,6 +67,8 @@ class IdentityService:
         self.model = model or default_model()
         service.validators.append(check_identifiers)
         self.db.write_hooks.append(self._index_patient)
+        # Called after a review decision commits: (review id, decision, left id, right id, context).
+        self.on_decided: list[Callable[[str, str, str, str, Context], None]] = []
 
     # ---- the index -------------------------------------------------------------
     def _index_patient(self, store: Store, rtype: str, rid: str, resource: JSON | None) -> None:
@@ -238,13 +241,16 @@ class IdentityService:
                 raise error(404, "not-found", "Không có mục xét duyệt này", "No such review item")
             if row[2] != "pending":
                 raise error(409, "conflict", "Mục này đã được quyết định", "This review item was already decided")
-            golden = self._link(ctx, store, row[0], row[1], None) if decision == "match" else None
+            incoming = any(str(x).startswith("incoming:") for x in row[:2])  # a received package waiting
+            golden = self._link(ctx, store, row[0], row[1], None) if decision == "match" and not incoming else None
             store.conn.execute(update(rv).where(rv.c.review_id == review_id).values(
                 status=decision, decided_by=ctx.actor or "operator", decided_at=store.now))
             if golden is None:
                 self.service.guard.on_write(ctx, store, AuditFacts(
                     "update", resources=[("Patient", row[0]), ("Patient", row[1])],
                     detail=f"review {review_id}: no-match"), [])
+        for hook in self.on_decided:
+            hook(review_id, decision, row[0], row[1], ctx)
         return {"review": review_id, "decision": decision, "golden": golden}
 
     # ---- merge / unmerge --------------------------------------------------------------

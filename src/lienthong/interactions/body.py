@@ -1,4 +1,4 @@
-"""Parse request bodies defensively: malformed, oversized or absurdly nested JSON is a 400."""
+"""Parse request bodies defensively: malformed, oversized, absurdly nested or NUL-bearing JSON is a 400."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def parse_json(raw: bytes) -> Any:
     except orjson.JSONDecodeError as exc:
         raise error(400, "invalid", "JSON không hợp lệ", f"Malformed JSON: {exc}") from None
     _check_depth(data)
+    if b"\\u0000" in raw:  # rare: confirm with a walk (an escaped backslash before "u0000" is no NUL)
+        _check_nul(data)
     return data
 
 
@@ -40,3 +42,18 @@ def _check_depth(data: Any) -> None:
             stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
         elif isinstance(node, list):
             stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+
+
+def _check_nul(data: Any) -> None:
+    """NUL is no text: FHIR strings SHOULD NOT hold control characters and PostgreSQL cannot store it."""
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                raise error(400, "invalid", "Chuỗi chứa ký tự NUL", "Strings may not contain the NUL character (\\u0000)")
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)

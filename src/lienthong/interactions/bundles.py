@@ -10,6 +10,7 @@ in its own transaction and reports each outcome.
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -18,6 +19,7 @@ import orjson
 
 from lienthong.fhir.datetimes import format_instant
 from lienthong.fhir.outcome import FhirError, OutcomeIssue, error
+from lienthong.interactions.body import parse_json
 from lienthong.interactions.context import Context
 from lienthong.interactions.guard import AuditFacts
 from lienthong.interactions.service import FhirService, Result
@@ -110,7 +112,15 @@ class BundleProcessor:
         raise error(400, "not-supported", "Thao tác không hỗ trợ", f"Unsupported entry {method} {url}")
 
     # ---- transaction -----------------------------------------------------------
-    def _transaction(self, ctx: Context, entries: list[JSON]) -> list[JSON]:
+    def transaction_in(self, ctx: Context, store: Store, bundle: JSON) -> list[JSON]:
+        """Run a transaction Bundle inside the caller's open transaction (e.g. an import that must commit
+        together with the message that carried it); returns the response entries."""
+        entries = bundle.get("entry", [])
+        if bundle.get("type") != "transaction" or not isinstance(entries, list):
+            raise error(400, "invalid", "Cần Bundle transaction", "Expected a transaction Bundle")
+        return self._transaction(ctx, [self._check_entry(i, e) for i, e in enumerate(entries)], store)
+
+    def _transaction(self, ctx: Context, entries: list[JSON], outer: Store | None = None) -> list[JSON]:
         svc = self.service
         for e in entries:
             if e["method"] in ("POST", "PUT") and isinstance(e["resource"], dict):
@@ -120,7 +130,7 @@ class BundleProcessor:
                                 path.split("/")[0] if path else None)
         responses: dict[int, JSON] = {}
         written: list[Stored] = []
-        with svc.db.begin() as store:
+        with (nullcontext(outer) if outer is not None else svc.db.begin()) as store:
             mapping = self._assign_ids(ctx, store, entries)
             self._rewrite_references(ctx, store, entries, mapping)
             for e in sorted(entries, key=lambda x: (_ORDER[x["method"]], x["index"])):
@@ -310,9 +320,10 @@ def _patch_ops(entry: JSON) -> Any:
         import base64
 
         try:
-            return orjson.loads(base64.b64decode(resource["data"]))
-        except (ValueError, orjson.JSONDecodeError):
+            raw = base64.b64decode(resource["data"])
+        except ValueError:
             raise error(400, "invalid", "Binary không chứa JSON Patch", "Binary does not hold a JSON Patch") from None
+        return parse_json(raw)
     raise error(400, "invalid", "PATCH trong Bundle cần Binary chứa JSON Patch",
                 "A PATCH entry needs a Binary resource holding a JSON Patch document")
 

@@ -8,12 +8,15 @@ before work starts and resumed at start-up, so a crash never leaves one
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
-from sqlalchemy import false, insert, select, update
+from sqlalchemy import Connection, false, insert, select, update
 
 from lienthong.fhir.datetimes import DateFormatError, format_instant, now_us, parse_range
 from lienthong.fhir.outcome import error
@@ -135,8 +138,8 @@ class ExportManager:
                 stmt = stmt.where(r.c.res_pk.in_(select(ref.c.res_pk).where(
                     ref.c.pkey.in_(compartment[rtype]), ref.c.target_type == "Patient")))
             part, buffer, count = 0, bytearray(), 0
-            with self.db.read() as store:
-                rows = store.conn.execution_options(stream_results=True, yield_per=1000).execute(stmt)
+            with self._scan() as conn:
+                rows = conn.execution_options(stream_results=True, yield_per=1000).execute(stmt)
                 for (body,) in rows:
                     buffer += body + b"\n"
                     count += 1
@@ -147,6 +150,17 @@ class ExportManager:
                 self._write_file(job_id, rtype, part, count, bytes(buffer))
             if self._cancelled(job_id):
                 return
+
+    @contextmanager
+    def _scan(self) -> Iterator[Connection]:
+        """A connection to stream one type from. PostgreSQL's server-side cursor needs a transaction
+        (which also gives the scan one snapshot); SQLite streams in autocommit, never holding the write lock."""
+        if self.db.sqlite:
+            with self.db.read() as store:
+                yield store.conn
+        else:
+            with self.db.engine.connect() as conn, conn.begin():
+                yield conn
 
     def _write_file(self, job_id: str, rtype: str, part: int, count: int, data: bytes) -> None:
         with self.db.begin() as store:
@@ -161,6 +175,7 @@ class ExportManager:
 
     def status(self, ctx: Context, job_id: str) -> tuple[int, dict[str, Any] | None, dict[str, str]]:
         """Poll: (202, None, progress) while running, (200, manifest) when done, an error if failed."""
+        _check_job(job_id)
         job, files = schema.export_job, schema.export_file
         with self.db.read() as store:
             row = store.execute(select(job.c.status, job.c.transaction_time, job.c.request, job.c.error, job.c.owner)
@@ -187,6 +202,9 @@ class ExportManager:
 
     def file(self, ctx: Context, job_id: str, name: str) -> bytes:
         """An output file, for the caller who asked for the export only."""
+        _check_job(job_id)
+        if not _FILE_NAME.fullmatch(name):
+            raise error(404, "not-found", "Không có tệp này", "No such export file")
         files, job = schema.export_file, schema.export_job
         with self.db.read() as store:
             owner = store.execute(select(job.c.owner, job.c.status).where(job.c.job_id == job_id)).first()
@@ -198,6 +216,7 @@ class ExportManager:
         return bytes(data[0])
 
     def cancel(self, ctx: Context, job_id: str) -> None:
+        _check_job(job_id)
         job = schema.export_job
         with self.db.begin() as store:
             changed = store.conn.execute(update(job).where(job.c.job_id == job_id, job.c.status != "cancelled",
@@ -207,3 +226,13 @@ class ExportManager:
                 store.conn.execute(schema.export_file.delete().where(schema.export_file.c.job_id == job_id))
         if not changed:
             raise error(404, "not-found", "Không có yêu cầu xuất này", "No such export job")
+
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}")  # secrets.token_hex(16)
+_FILE_NAME = re.compile(r"[A-Za-z]{1,64}-[0-9]{1,9}\.ndjson")
+
+
+def _check_job(job_id: str) -> None:
+    """Ids that were never issued are unknown jobs; checked before they reach SQL (NUL breaks PostgreSQL)."""
+    if not _JOB_ID.fullmatch(job_id):
+        raise error(404, "not-found", "Không có yêu cầu xuất này", "No such export job")

@@ -22,6 +22,7 @@ from lienthong.security import passwords, windows
 from lienthong.security.roles import ROLES, role
 from lienthong.security.scopes import parse_scopes
 from lienthong.storage import schema
+from lienthong.storage.engine import read_connection
 
 _USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{2,63}$")
 _FACILITY = re.compile(r"^\d{5}$")
@@ -124,7 +125,7 @@ class Accounts:
 
     def get_user(self, username: str | None = None, user_id: str | None = None) -> User | None:
         u, ra = schema.app_user, schema.role_assignment
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             cond = u.c.username == username if username is not None else u.c.user_id == user_id
             row = conn.execute(select(u.c.user_id, u.c.username, u.c.facility, u.c.practitioner_id,
                                       u.c.licence_no, u.c.disabled).where(cond)).first()
@@ -136,7 +137,7 @@ class Accounts:
             Assignment(a[0], a[1], orjson.loads(a[2]) if a[2] else None, a[3], a[4]) for a in assigned])
 
     def list_users(self) -> list[User]:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             names = [r[0] for r in conn.execute(select(schema.app_user.c.username).order_by(schema.app_user.c.username))]
         return [u for u in (self.get_user(n) for n in names) if u is not None]
 
@@ -196,7 +197,7 @@ class Accounts:
 
     def authenticate_client(self, client_id: str, secret: str) -> Client:
         c = schema.app_client
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             row = conn.execute(select(c.c.client_id, c.c.name, c.c.facility, c.c.scopes, c.c.disabled,
                                       c.c.secret_hash).where(c.c.client_id == client_id)).first()
         if row is None or row[4] or not passwords.verify_password(row[5], secret):
@@ -207,14 +208,14 @@ class Accounts:
 
     def get_client(self, client_id: str) -> Client | None:
         c = schema.app_client
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             row = conn.execute(select(c.c.client_id, c.c.name, c.c.facility, c.c.scopes, c.c.disabled)
                                .where(c.c.client_id == client_id)).first()
         return Client(*row) if row else None
 
     def has_admin(self) -> bool:
         ra = schema.role_assignment
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return conn.execute(select(ra.c.user_id).where(
                 ra.c.role.in_([r for r, v in ROLES.items() if v.user_admin]))).first() is not None
 

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Engine, insert, select, update
 
 from lienthong.fhir.datetimes import format_instant, now_us
 from lienthong.storage import schema
+from lienthong.storage.engine import read_connection
 
 GENESIS = "0" * 64
 FLUSH_SECONDS = 0.05
@@ -213,7 +214,7 @@ class AuditTrail:
         if patient is not None:
             ap = schema.audit_patient
             stmt = stmt.where(log.c.seq.in_(select(ap.c.seq).where(ap.c.patient_id == patient)))
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return [orjson.loads(bytes(r[0])) for r in conn.execute(stmt)]
 
     def verify(self) -> tuple[bool, int, str]:
@@ -221,7 +222,7 @@ class AuditTrail:
         self.flush()
         log, head = schema.audit_log, schema.audit_head
         prev, expected_seq, count = GENESIS, 1, 0
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             rows = conn.execution_options(yield_per=2000).execute(
                 select(log.c.seq, log.c.body, log.c.prev_hash, log.c.hash).order_by(log.c.seq))
             for seq, body, stored_prev, stored_hash in rows:

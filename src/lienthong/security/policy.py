@@ -29,6 +29,7 @@ from lienthong.security.audit import AuditRecord, AuditTrail
 from lienthong.security.roles import ROLES
 from lienthong.security.scopes import Scope, allows
 from lienthong.storage import schema
+from lienthong.storage.engine import read_connection
 from lienthong.storage.repository import Store, Stored
 
 _LETTER = {"read": "r", "vread": "r", "history": "r", "search": "s", "create": "c", "update": "u", "patch": "u",
@@ -262,7 +263,7 @@ class AccessGuard:
         if cached is not None and now - cached[0] < 5:
             return cached[1]
         bg = schema.break_glass
-        with store_engine.connect() as conn:
+        with read_connection(store_engine) as conn:
             ids = frozenset(r[0] for r in conn.execute(select(bg.c.patient_id).where(
                 bg.c.user_id == user_id, bg.c.expires > now_us())))
         with self._lock:

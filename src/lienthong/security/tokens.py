@@ -24,6 +24,7 @@ from sqlalchemy import Engine, delete, insert, select, update
 
 from lienthong.fhir.datetimes import now_us
 from lienthong.storage import schema
+from lienthong.storage.engine import read_connection
 
 ACCESS_TTL_S = 3600
 REVOCATION_REFRESH_S = 2.0
@@ -162,7 +163,7 @@ class TokenService:
         if now - self._revoked_at < REVOCATION_REFRESH_S:
             return
         self._revoked_at = now
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             jtis = {r[0] for r in conn.execute(select(schema.revoked_token.c.jti))}
         with self._lock:
             self._revoked = jtis

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 DEFAULT_SQLITE = "sqlite:///var/lienthong.db"
@@ -57,6 +57,12 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     kwargs.setdefault("max_overflow", 10)
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
+
+
+def read_connection(engine: Engine) -> Connection:
+    """A connection for reads only: autocommit, so on SQLite it never takes the write lock and can run
+    while the same thread holds a write transaction on another connection."""
+    return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
 def is_sqlite(engine: Engine) -> bool:

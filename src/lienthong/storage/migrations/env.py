@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from alembic import context
 
+# Domain packages define their tables on the shared metadata; import them so autogenerate sees every table.
+import lienthong.exchange.registry
+import lienthong.exchange.schema
+import lienthong.exchange.service  # noqa: F401
 from lienthong.storage.schema import metadata
 
 engine = context.config.attributes["engine"]

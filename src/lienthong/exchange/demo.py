@@ -1,0 +1,285 @@
+"""`lienthong demo`: a provincial hub and four facility nodes on this machine, and the pilot scenario.
+
+Why real servers: every node is a full lienthong (SQLite, authentication,
+audit, patient index) behind its own uvicorn server on 127.0.0.1, and packages
+travel over HTTP with signed requests, exactly as between facilities; only the
+network is local. Names and facts come from the pilot province's data file;
+the Bắc Giang units' facility codes are not published, so the demo uses codes
+from its configuration and marks them as not official.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from sqlalchemy import func, select
+
+from lienthong.api.app import ApiSettings
+from lienthong.devtools import clinical
+from lienthong.exchange import transfer as tr
+from lienthong.exchange.registry import Facility, Registry
+from lienthong.exchange.schema import outbox
+from lienthong.exchange.service import ExchangeConfig, ExchangeService, load_trust, provincial_setup
+from lienthong.exchange.trust import ProvincialCA
+from lienthong.interactions.bundles import BundleProcessor
+from lienthong.node import Node, app_for, build_node, open_database
+from lienthong.storage import schema
+
+HUB = ("24000", "Trạm liên thông tỉnh Bắc Ninh (Sở Y tế) / Provincial exchange hub")
+PROVINCIAL = "Bệnh viện Đa khoa tỉnh Bắc Giang"
+BACH_MAI = "Bệnh viện Bạch Mai"
+# Demo codes for units whose real codes are not published (marked code_is_official = False in the registry).
+DEMO_CODES = {PROVINCIAL: "24901", "Trung tâm Y tế huyện Lục Ngạn": "24910", "Trung tâm Y tế huyện Hiệp Hòa": "24913"}
+DATA_FILE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "bac-giang-2025-02.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Unit:
+    code: str
+    name: str
+    node: Node
+    exchange: ExchangeService
+    port: int
+    server: uvicorn.Server | None = None
+    thread: threading.Thread | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class Province:
+    units: dict[str, Unit] = field(default_factory=dict)
+    folder: Path = Path("var/demo")
+
+    def unit(self, name: str) -> Unit:
+        return next(u for u in self.units.values() if u.name == name)
+
+    def stop(self) -> None:
+        for unit in self.units.values():
+            unit.exchange.stop()
+            if unit.server is not None:
+                unit.server.should_exit = True
+        for unit in self.units.values():
+            if unit.thread is not None:
+                unit.thread.join(timeout=10)
+            unit.node.db.engine.dispose()
+
+
+def _units_from_data() -> list[tuple[str, str]]:
+    names = [PROVINCIAL, "Trung tâm Y tế huyện Lục Ngạn", "Trung tâm Y tế huyện Hiệp Hòa"]
+    if DATA_FILE.is_file():
+        import json
+
+        data = json.loads(DATA_FILE.read_text(encoding="utf-8"))
+        known = {u["name_vi"] for u in data.get("units", [])}
+        names = [n for n in names if n in known]
+        partner = data.get("partner", {})
+        return [(DEMO_CODES[n], n) for n in names] + [(partner.get("facility_code", "01001"),
+                                                        partner.get("name_vi", BACH_MAI))]
+    return [(DEMO_CODES[n], n) for n in names] + [("01001", BACH_MAI)]
+
+
+def start_province(folder: Path, fresh: bool = True) -> Province:
+    """Create the CA and keys, open one database per unit, start every server and exchange worker."""
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    units = _units_from_data()
+    identities = provincial_setup(folder, HUB[0], units)
+    ca = ProvincialCA.load_dir(folder / "ca")
+    trust = load_trust(ca.cert_pem(), ca.crl().public_bytes(_pem()))
+    province = Province(folder=folder)
+    ports = {code: _free_port() for code, _ in [HUB, *units]}
+    hub_url = f"http://127.0.0.1:{ports[HUB[0]]}/exchange"
+    for code, name in [HUB, *units]:
+        role = "hub" if code == HUB[0] else "node"
+        base = f"http://127.0.0.1:{ports[code]}"
+        settings = ApiSettings(node_name=code, public_base_url=f"{base}/fhir")
+        node = build_node(open_database(f"sqlite:///{folder / f'{code}.db'}"), settings, secure=True)
+        config = ExchangeConfig(role=role, code=code, name=name, hub_code=HUB[0],
+                                hub_url=None if role == "hub" else hub_url, poll_seconds=0.05)
+        exchange = ExchangeService(node, config, identities[code], trust)
+        node.exchange = exchange
+        server = uvicorn.Server(uvicorn.Config(app_for(node, settings), host="127.0.0.1", port=ports[code],
+                                               log_level="warning", lifespan="off"))
+        unit = Unit(code, name, node, exchange, ports[code], server)
+        unit.thread = threading.Thread(target=server.run, name=f"server-{code}", daemon=True)
+        unit.thread.start()
+        province.units[code] = unit
+    hub = province.units[HUB[0]]
+    registry = Registry(hub.node.db.engine)
+    today = datetime.now(UTC).date().isoformat()
+    for code, name in units:
+        registry.upsert(Facility(code=code, name_vi=name, endpoint=f"{province.units[code].base}/exchange",
+                                 clearance="cleared", clearance_date=today,
+                                 clearance_ref="Demo: kiểm tra an ninh giả lập / simulated security check",
+                                 code_is_official=code not in DEMO_CODES.values(),
+                                 cert_pem=identities[code].chain_pem().decode()))
+    for unit in province.units.values():
+        while unit.server is not None and not unit.server.started:
+            time.sleep(0.02)
+        unit.exchange.start()
+    return province
+
+
+def _pem() -> Any:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return Encoding.PEM
+
+
+@dataclass
+class ScenarioResult:
+    sent: int = 0
+    delivered: int = 0
+    received: int = 0
+    matched: int = 0
+    new_patients: int = 0
+    review: int = 0
+    acknowledged: int = 0
+    refused: int = 0
+    bytes_on_wire: int = 0
+    raw_json_bytes: int = 0
+    seconds: float = 0.0
+    transfers_per_second: float = 0.0
+    latency_p50_s: float = 0.0
+    latency_p95_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def pilot_304(province: Province, n: int = 304, seed: int = 304, known_share: float = 0.2,
+              timeout: float = 900.0) -> ScenarioResult:
+    """Transfer `n` inpatients with realistic records from the provincial hospital to Bạch Mai.
+
+    A share of them already have a record at Bạch Mai (an earlier visit), so the receiver's
+    patient index links them instead of creating duplicates."""
+    sender = province.unit(PROVINCIAL)
+    receiver = province.units["01001"] if "01001" in province.units else province.unit(BACH_MAI)
+    rng = random.Random(seed)
+    org, doctor = clinical.facility_resources(sender.code, sender.name)
+    patients = clinical.pilot_patients(n, sender.code, seed)
+    resources: list[dict[str, Any]] = [org, doctor]
+    for patient in patients:
+        resources += [patient, *clinical.clinical_record(patient, rng, org, doctor)]
+    ctx_sender = sender.exchange.system_context("demo")
+    BundleProcessor(sender.node.service).process(ctx_sender, clinical.as_transaction(resources))
+    known = [p for p in patients if rng.random() < known_share]
+    if known:
+        ctx_receiver = receiver.exchange.system_context("demo")
+        earlier = [{**{k: v for k, v in p.items() if k not in ("id", "identifier")},
+                    "id": p["id"],
+                    "identifier": [i for i in p["identifier"] if "/ma-bn/" not in i["system"]]} for p in known]
+        BundleProcessor(receiver.node.service).process(ctx_receiver, clinical.as_transaction(earlier))
+    patients_before = _count_type(receiver, "Patient")
+    result = ScenarioResult()
+    started = time.perf_counter()
+    started_at: dict[str, float] = {}
+    for patient in patients:
+        main, _, secondary, signs = rng.choice(clinical.TRANSFER_CASES)
+        slip = tr.TransferSlip(destination=receiver.code, reason="2", main_diagnosis=main,
+                               secondary_diagnoses=secondary, doctor_licence=f"{sender.code}/CCHN-0001",
+                               clinical_signs=signs, course="Điều trị nội khoa 3 ngày, không cải thiện",
+                               results_summary="Xem kết quả xét nghiệm kèm theo", treatment="Theo y lệnh",
+                               condition="Ổn định để vận chuyển", next_treatment="Điều trị chuyên sâu tuyến trung ương",
+                               transport="Xe cứu thương", escort_name="Nguyễn Thị Lan", escort_title="Điều dưỡng")
+        out = sender.exchange.start_transfer(ctx_sender, patient["id"], slip)
+        started_at[out["package"]] = time.perf_counter()
+        result.sent += 1
+    latencies = _wait_acknowledged(sender, started_at, timeout)
+    result.seconds = time.perf_counter() - started
+    result.acknowledged = len(latencies)
+    result.transfers_per_second = result.acknowledged / result.seconds if result.seconds else 0.0
+    if latencies:
+        ordered = sorted(latencies)
+        result.latency_p50_s = ordered[len(ordered) // 2]
+        result.latency_p95_s = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+    _count(province, sender, receiver, result, patients_before)
+    return result
+
+
+def _wait_acknowledged(sender: Unit, started_at: dict[str, float], timeout: float) -> list[float]:
+    """Poll the sender's Tasks until every transfer is at least `received` (acknowledged by the receiver)."""
+    deadline = time.perf_counter() + timeout
+    done: dict[str, float] = {}
+    while len(done) < len(started_at) and time.perf_counter() < deadline:
+        for package, step in _steps(sender).items():
+            if package in started_at and package not in done and tr.RANK.get(step, 0) >= tr.RANK["received"]:
+                done[package] = time.perf_counter() - started_at[package]
+        if len(done) < len(started_at):
+            time.sleep(0.1)
+    return list(done.values())
+
+
+def _steps(unit: Unit) -> dict[str, str]:
+    import orjson
+
+    r, v = schema.resource, schema.resource_version
+    with unit.node.db.engine.connect() as conn:
+        rows = conn.execute(select(v.c.body).join(r, (r.c.res_pk == v.c.res_pk) & (r.c.version == v.c.version))
+                            .where(r.c.rtype == "Task", r.c.deleted.is_(False))).all()
+    out = {}
+    for (body,) in rows:
+        task = orjson.loads(body)
+        ident = next((i["value"] for i in task.get("identifier", []) if i.get("system") == tr.PACKAGE_SYSTEM), None)
+        if ident:
+            out[ident] = tr.step_of(task)
+    return out
+
+
+def _count(province: Province, sender: Unit, receiver: Unit, result: ScenarioResult, patients_before: int) -> None:
+    from lienthong.exchange.schema import inbox
+
+    hub = province.units[HUB[0]]
+    for unit in province.units.values():
+        with unit.node.db.engine.connect() as conn:
+            result.bytes_on_wire += int(conn.execute(select(func.coalesce(func.sum(outbox.c.size), 0))
+                                                     .where(outbox.c.status == "sent")).scalar_one())
+    with hub.node.db.engine.connect() as conn:
+        result.delivered = int(conn.execute(select(func.count()).select_from(inbox)
+                                            .where(inbox.c.source == sender.code)).scalar_one())
+        result.refused = int(conn.execute(select(func.count()).select_from(outbox)
+                                          .where(outbox.c.status == "dead")).scalar_one())
+    with receiver.node.db.engine.connect() as conn:
+        result.received = int(conn.execute(select(func.count()).select_from(inbox)
+                                           .where(inbox.c.source == HUB[0], inbox.c.status == "processed")).scalar_one())
+        result.review = int(conn.execute(select(func.count()).select_from(schema.mpi_review)
+                                         .where(schema.mpi_review.c.status == "pending")).scalar_one())
+    imports = _count_type(receiver, "Provenance")
+    result.new_patients = _count_type(receiver, "Patient") - patients_before
+    result.matched = imports - result.new_patients
+    result.raw_json_bytes = _raw_sizes(sender)
+
+
+def _count_type(unit: Unit, rtype: str) -> int:
+    with unit.node.db.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(schema.resource)
+                                .where(schema.resource.c.rtype == rtype, schema.resource.c.deleted.is_(False)))
+                   .scalar_one())
+
+
+def _raw_sizes(sender: Unit) -> int:
+    """Raw JSON size of the transfer documents the sender stored (what would go on the wire uncompressed)."""
+    r, v = schema.resource, schema.resource_version
+    with sender.node.db.engine.connect() as conn:
+        return int(conn.execute(select(func.coalesce(func.sum(func.length(v.c.body)), 0))
+                                .join(r, (r.c.res_pk == v.c.res_pk) & (r.c.version == v.c.version))
+                                .where(r.c.rtype == "Bundle")).scalar_one())
