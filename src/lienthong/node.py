@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from starlette.applications import Starlette
 
 from lienthong.api.app import ApiSettings, build_app
-from lienthong.fhir.search_params import registry
 from lienthong.exchange.service import ExchangeService
+from lienthong.fhir.search_params import registry
 from lienthong.identity.service import IdentityService
 from lienthong.interactions.service import FhirService
 from lienthong.security.accounts import Accounts

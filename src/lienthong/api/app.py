@@ -22,10 +22,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from lienthong.exchange.service import ExchangeService
 from lienthong.fhir.datetimes import format_http_date
 from lienthong.fhir.outcome import FhirError, OutcomeIssue, error, operation_outcome
 from lienthong.fhir.shaping import shape
-from lienthong.exchange.service import ExchangeService
 from lienthong.identity.service import IdentityService
 from lienthong.interactions.body import parse_json, parse_resource
 from lienthong.interactions.bundles import BundleProcessor
