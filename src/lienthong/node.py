@@ -82,5 +82,13 @@ def app_from_env() -> Starlette:
     import os
 
     settings = ApiSettings.from_json(os.environ.get("LIENTHONG_APP_SETTINGS", "{}"))
-    return create_app(os.environ.get("LIENTHONG_APP_DB") or None, settings,
+    node = build_node(open_database(os.environ.get("LIENTHONG_APP_DB") or None), settings,
                       secure=os.environ.get("LIENTHONG_APP_SECURE", "1") != "0")
+    config = os.environ.get("LIENTHONG_APP_CONFIG")
+    if config:
+        from pathlib import Path
+
+        from lienthong.exchange.service import attach_exchange
+
+        attach_exchange(node, Path(config)).start()
+    return app_for(node, settings)

@@ -15,6 +15,7 @@ from lienthong import __version__
 from lienthong.cli.admin import audit_app, clients_app, keys_app, users_app
 from lienthong.cli.common import DB_OPTION, err, fail
 from lienthong.cli.demo import demo
+from lienthong.cli.exchange_cli import hub_app
 from lienthong.cli.mpi_admin import mpi_app
 from lienthong.cli.synth import synth_app
 
@@ -29,6 +30,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(mpi_app, name="mpi")
 app.add_typer(synth_app, name="synth")
 app.command()(demo)
+app.add_typer(hub_app, name="hub")
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -51,6 +53,8 @@ def serve(
     public_base_url: str = typer.Option(None, "--public-base-url", help="Absolute FHIR base seen by clients"),
     cors_origin: list[str] = typer.Option([], "--cors-origin", help="Browser origin allowed to call the API"),
     workers: int = typer.Option(1, "--workers", help="uvicorn worker processes"),
+    role: str = typer.Option(None, "--role", help="node | hub (checked against --config)"),
+    config: Path = typer.Option(None, "--config", help="Exchange configuration (TOML): role, code, hub, keys"),
 ) -> None:
     """Chạy nút FHIR / Run the FHIR node (base URL /fhir)."""
     import os
@@ -64,6 +68,20 @@ def serve(
             fail("--insecure-dev chỉ chạy trên 127.0.0.1", "--insecure-dev only runs on 127.0.0.1", 2)
         err.print("[bold yellow]CẢNH BÁO / WARNING:[/] xác thực đang TẮT; chỉ dùng để thử nghiệm cục bộ / "
                   "authentication is OFF; for local experiments only")
+    if config is not None:
+        from lienthong.exchange.service import load_config
+
+        try:
+            exchange_config, _, _ = load_config(config)
+        except ValueError as exc:
+            fail("cấu hình không hợp lệ", str(exc), 2)
+        if role and role != exchange_config.role:
+            fail("--role khác cấu hình", f"--role {role} but the configuration says {exchange_config.role}", 2)
+        if workers != 1:
+            fail("nút liên thông chạy 1 tiến trình", "an exchange node runs one worker (one dispatcher per database)", 2)
+        os.environ["LIENTHONG_APP_CONFIG"] = str(config.resolve())
+    elif role:
+        fail("--role cần --config", "--role needs --config (keys, hub address)", 2)
     settings = ApiSettings(max_body_bytes=max_body_mb * 1024 * 1024, public_base_url=public_base_url,
                            node_name=node_name, cors_origins=tuple(cors_origin))
     try:

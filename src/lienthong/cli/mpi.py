@@ -21,6 +21,8 @@ mpi_app = typer.Typer(
     no_args_is_help=True,
 )
 _err = Console(stderr=True)
+SMALL_INPUT = 1000
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "identity" / "data" / "default_model.json"
 
 _STAGES = {"prepare": "Chuẩn hóa / normalising", "train": "Huấn luyện / training", "score": "Chấm điểm / scoring"}
 
@@ -62,6 +64,11 @@ def _execute(
                 f"ignored {data.invalid_national_ids} invalid CCCD numbers[/yellow]"
             )
     model = MatchModel.load(model_path) if model_path else None
+    n_records = sum(len(d.records) for d in loaded)
+    if model is None and n_records < SMALL_INPUT and DEFAULT_MODEL.exists():
+        # Too few records to estimate m/u from the file itself: use the shipped model.
+        model = MatchModel.load(DEFAULT_MODEL)
+        _err.print(f"Dùng mô hình mặc định cho {n_records} hồ sơ / using the default model for {n_records} records")
     thresholds = Thresholds(match=match_threshold, review=review_threshold)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=_err, transient=True) as bar:

@@ -177,11 +177,14 @@ def pilot_304(province: Province, n: int = 304, seed: int = 304, known_share: fl
     rng = random.Random(seed)
     org, doctor = clinical.facility_resources(sender.code, sender.name)
     patients = clinical.pilot_patients(n, sender.code, seed)
-    resources: list[dict[str, Any]] = [org, doctor]
-    for patient in patients:
-        resources += [patient, *clinical.clinical_record(patient, rng, org, doctor)]
     ctx_sender = sender.exchange.system_context("demo")
-    BundleProcessor(sender.node.service).process(ctx_sender, clinical.as_transaction(resources))
+    loader = BundleProcessor(sender.node.service)
+    loader.process(ctx_sender, clinical.as_transaction([org, doctor]))
+    for start in range(0, len(patients), 25):  # short transactions: the exchange workers write meanwhile
+        batch: list[dict[str, Any]] = []
+        for patient in patients[start : start + 25]:
+            batch += [patient, *clinical.clinical_record(patient, rng, org, doctor)]
+        loader.process(ctx_sender, clinical.as_transaction(batch))
     known = [p for p in patients if rng.random() < known_share]
     if known:
         ctx_receiver = receiver.exchange.system_context("demo")

@@ -527,3 +527,50 @@ def _hub_identity(ca: ProvincialCA, code: str) -> NodeIdentity:
 
 
 __all__ = ["ExchangeConfig", "ExchangeService", "load_trust", "provincial_setup"]
+
+
+def load_config(path: Path) -> tuple[ExchangeConfig, Path, Path]:
+    """Read a node or hub configuration file (TOML): returns the config, the keys folder and the CA folder.
+
+    Example::
+
+        role = "node"            # or "hub"
+        code = "24901"
+        name = "Bệnh viện Đa khoa tỉnh Bắc Giang"
+        hub_code = "24000"
+        hub_url = "https://hub.bacninh.example/exchange"
+        keys_dir = "var/keys"    # node.key + node.crt (lienthong keys init / install)
+        ca_dir = "var/ca"        # ca.crt + ca.crl (the hub keeps ca.key there too)
+    """
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"không đọc được cấu hình / cannot read the configuration {path}: {exc}") from None
+    missing = [k for k in ("role", "code", "name", "hub_code") if not data.get(k)]
+    if missing:
+        raise ValueError(f"thiếu khoá cấu hình / configuration lacks {', '.join(missing)}")
+    if data["role"] not in ("node", "hub"):
+        raise ValueError("role phải là node hoặc hub / role must be node or hub")
+    if data["role"] == "node" and not data.get("hub_url"):
+        raise ValueError("nút cần hub_url / a node needs hub_url")
+    config = ExchangeConfig(role=data["role"], code=str(data["code"]), name=data["name"],
+                            hub_code=str(data["hub_code"]), hub_url=data.get("hub_url"))
+    base = path.parent
+    return config, base / data.get("keys_dir", "var/keys"), base / data.get("ca_dir", "var/ca")
+
+
+def attach_exchange(node: Any, config_path: Path) -> ExchangeService:
+    """Give a node its exchange (keys, trust, workers) from a configuration file."""
+    from lienthong.exchange.trust import load_identity
+
+    config, keys_dir, ca_dir = load_config(config_path)
+    identity = load_identity(keys_dir)
+    if identity.facility_code != config.code:
+        raise ValueError(f"chứng thư của {identity.facility_code}, cấu hình ghi {config.code} / "
+                         f"certificate is for {identity.facility_code}, configuration says {config.code}")
+    trust = load_trust((ca_dir / "ca.crt").read_bytes(), (ca_dir / "ca.crl").read_bytes())
+    exchange = ExchangeService(node, config, identity, trust)
+    node.exchange = exchange
+    return exchange

@@ -7,6 +7,8 @@ The URL decides; everything above this module is dialect-neutral.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,16 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 DEFAULT_SQLITE = "sqlite:///var/lienthong.db"
+_WRITE = "lienthong_write"
+
+
+@contextmanager
+def _writing_begin(engine: Engine) -> Iterator[Connection]:
+    """Engine.begin() for SQLite: the same contract, with the connection marked as a writer."""
+    with engine.connect() as conn:
+        conn.execution_options(**{_WRITE: True})
+        with conn.begin():
+            yield conn
 
 
 def normalise_url(url: str | None) -> str:
@@ -47,11 +59,15 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
-            # IMMEDIATE takes the write lock up front, so concurrent writers queue instead of deadlocking.
-            # Autocommit connections (reads) begin nothing and never hold the lock.
-            if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            options = conn.get_execution_options()
+            if options.get("isolation_level") == "AUTOCOMMIT":
+                return  # reads in autocommit begin nothing
+            # engine.begin() (a write) takes the write lock up front (IMMEDIATE), so concurrent writers
+            # queue on the busy timeout instead of failing on a lock upgrade; a plain connect() used for
+            # reads begins a deferred transaction that never blocks behind a long write.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(_WRITE) else "BEGIN")
 
+        engine.begin = _writing_begin.__get__(engine)  # type: ignore[method-assign]
         return engine
     kwargs.setdefault("pool_size", 20)
     kwargs.setdefault("max_overflow", 10)
