@@ -71,6 +71,29 @@ class Province:
     def unit(self, name: str) -> Unit:
         return next(u for u in self.units.values() if u.name == name)
 
+    def stop_unit(self, code: str) -> None:
+        """Take one unit off the network (server and exchange workers), as if its link or machine went down."""
+        unit = self.units[code]
+        unit.exchange.stop()
+        if unit.server is not None:
+            unit.server.should_exit = True
+        if unit.thread is not None:
+            unit.thread.join(timeout=10)
+
+    def start_unit(self, code: str) -> None:
+        """Bring a unit back on the same port; its outbox drains and its inbox accepts again."""
+        unit = self.units[code]
+        app = app_for(unit.node, ApiSettings(node_name=code, public_base_url=f"{unit.base}/fhir"))
+        unit.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=unit.port, log_level="warning",
+                                                    lifespan="off"))
+        unit.thread = threading.Thread(target=unit.server.run, name=f"server-{code}", daemon=True)
+        unit.thread.start()
+        while not unit.server.started:
+            time.sleep(0.02)
+        unit.exchange = ExchangeService(unit.node, unit.exchange.config, unit.exchange.keys, unit.exchange.trust)
+        unit.node.exchange = unit.exchange
+        unit.exchange.start()
+
     def stop(self) -> None:
         for unit in self.units.values():
             unit.exchange.stop()
@@ -96,12 +119,13 @@ def _units_from_data() -> list[tuple[str, str]]:
     return [(DEMO_CODES[n], n) for n in names] + [("01001", BACH_MAI)]
 
 
-def start_province(folder: Path, fresh: bool = True) -> Province:
+def start_province(folder: Path, fresh: bool = True, units: list[tuple[str, str]] | None = None,
+                   poll_seconds: float = 0.05) -> Province:
     """Create the CA and keys, open one database per unit, start every server and exchange worker."""
     if fresh and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    units = _units_from_data()
+    units = units or _units_from_data()
     identities = provincial_setup(folder, HUB[0], units)
     ca = ProvincialCA.load_dir(folder / "ca")
     trust = load_trust(ca.cert_pem(), ca.crl().public_bytes(_pem()))
@@ -114,7 +138,7 @@ def start_province(folder: Path, fresh: bool = True) -> Province:
         settings = ApiSettings(node_name=code, public_base_url=f"{base}/fhir")
         node = build_node(open_database(f"sqlite:///{folder / f'{code}.db'}"), settings, secure=True)
         config = ExchangeConfig(role=role, code=code, name=name, hub_code=HUB[0],
-                                hub_url=None if role == "hub" else hub_url, poll_seconds=0.05)
+                                hub_url=None if role == "hub" else hub_url, poll_seconds=poll_seconds)
         exchange = ExchangeService(node, config, identities[code], trust)
         node.exchange = exchange
         server = uvicorn.Server(uvicorn.Config(app_for(node, settings), host="127.0.0.1", port=ports[code],
@@ -155,8 +179,9 @@ class ScenarioResult:
     review: int = 0
     acknowledged: int = 0
     refused: int = 0
-    bytes_on_wire: int = 0
-    raw_json_bytes: int = 0
+    bytes_on_wire: int = 0  # transfer messages on the sender's link (compressed, sealed, signed)
+    raw_json_bytes: int = 0  # the same transfer documents as plain JSON
+    wire_ratio: float = 0.0
     seconds: float = 0.0
     transfers_per_second: float = 0.0
     latency_p50_s: float = 0.0
@@ -188,9 +213,13 @@ def pilot_304(province: Province, n: int = 304, seed: int = 304, known_share: fl
     known = [p for p in patients if rng.random() < known_share]
     if known:
         ctx_receiver = receiver.exchange.system_context("demo")
-        earlier = [{**{k: v for k, v in p.items() if k not in ("id", "identifier")},
-                    "id": p["id"],
-                    "identifier": [i for i in p["identifier"] if "/ma-bn/" not in i["system"]]} for p in known]
+        earlier = []
+        for p in known:  # the same person, registered earlier at Bạch Mai without the other hospital's code
+            copy = {k: v for k, v in p.items() if k != "identifier"}
+            kept = [i for i in p["identifier"] if "/ma-bn/" not in i["system"]]
+            if kept:
+                copy["identifier"] = kept
+            earlier.append(copy)
         BundleProcessor(receiver.node.service).process(ctx_receiver, clinical.as_transaction(earlier))
     patients_before = _count_type(receiver, "Patient")
     result = ScenarioResult()
@@ -252,10 +281,10 @@ def _count(province: Province, sender: Unit, receiver: Unit, result: ScenarioRes
     from lienthong.exchange.schema import inbox
 
     hub = province.units[HUB[0]]
-    for unit in province.units.values():
-        with unit.node.db.engine.connect() as conn:
-            result.bytes_on_wire += int(conn.execute(select(func.coalesce(func.sum(outbox.c.size), 0))
-                                                     .where(outbox.c.status == "sent")).scalar_one())
+    with sender.node.db.engine.connect() as conn:  # what the sender's link carried for the transfers
+        result.bytes_on_wire = int(conn.execute(select(func.coalesce(func.sum(outbox.c.size), 0))
+                                                .where(outbox.c.status == "sent",
+                                                       outbox.c.dest == receiver.code)).scalar_one())
     with hub.node.db.engine.connect() as conn:
         result.delivered = int(conn.execute(select(func.count()).select_from(inbox)
                                             .where(inbox.c.source == sender.code)).scalar_one())
@@ -270,6 +299,7 @@ def _count(province: Province, sender: Unit, receiver: Unit, result: ScenarioRes
     result.new_patients = _count_type(receiver, "Patient") - patients_before
     result.matched = imports - result.new_patients
     result.raw_json_bytes = _raw_sizes(sender)
+    result.wire_ratio = result.bytes_on_wire / result.raw_json_bytes if result.raw_json_bytes else 0.0
 
 
 def _count_type(unit: Unit, rtype: str) -> int:

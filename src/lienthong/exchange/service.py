@@ -148,7 +148,7 @@ class ExchangeService:
         self.registry = Registry(self.engine)
         self.bundles = BundleProcessor(self.service)
         hub = config.role == "hub"
-        self.inbox = Inbox(validator=None if hub else package_validator(trust))
+        self.inbox = Inbox(validator=None if hub else self._audited(package_validator(trust)))
         self.receiver = Receiver(self.engine, identity, trust, SqlNonceStore(self.engine), inbox=self.inbox,
                                  relay=self.outbox if hub else None, authorize=self._authorize if hub else None)
         transport: Any
@@ -204,6 +204,17 @@ class ExchangeService:
         scopes, _ = parse_scopes("system/*.cruds")
         return Context(base_url="urn:lienthong:exchange", extra={"node": self.config.name},
                        principal=Principal("client", f"exchange:{peer}", f"exchange:{peer}", scopes, self.config.code))
+
+    def _audited(self, check: Callable[[str, bytes], str | None]) -> Callable[[str, bytes], str | None]:
+        """Every package refused at receipt (tampered, revoked, expired…) is recorded with its reason."""
+
+        def validate(source: str, payload: bytes) -> str | None:
+            reason = check(source, payload)
+            if reason is not None:
+                self._audit_refusal(source, f"package refused: {reason}")
+            return reason
+
+        return validate
 
     def _authorize(self, source: str, dest: str) -> str | None:
         """Hub rule: both ends must be registered, cleared and allowed to exchange; refusals are audited."""
@@ -344,10 +355,41 @@ class ExchangeService:
         store = Store(conn, self.db)
         ctx = self.system_context(envelope.sender)
         if envelope.kind == "transfer":
-            self._import_transfer(store, ctx, envelope)
+            savepoint = conn.begin_nested()
+            try:
+                self._check_document(envelope.body)
+                self._import_transfer(store, ctx, envelope)
+                store.flush()
+                savepoint.commit()
+            except (FhirError, RejectMessage, KeyError, TypeError, AttributeError) as exc:
+                savepoint.rollback()
+                self._refuse_package(store, entry, envelope, str(exc) or type(exc).__name__)
         elif envelope.kind in ("status", "outcome"):
             self._apply_status(store, ctx, envelope)
         store.flush()
+
+    @staticmethod
+    def _check_document(document: Any) -> None:
+        from lienthong.fhir.validation import validate
+
+        if not isinstance(document, dict) or document.get("type") != "document":
+            raise RejectMessage("gói không phải tài liệu FHIR / the package is not a FHIR document Bundle")
+        problems = [i for i in validate(document, "Bundle") if i.severity == "error"]
+        if problems:
+            raise RejectMessage("; ".join(f"{i.location}: {i.message}" for i in problems[:5]))
+
+    def _refuse_package(self, store: Store, entry: InboxEntry, envelope: Envelope, reason: str) -> None:
+        """Record the refusal on the inbox row, audit it and tell the sender, all in this transaction."""
+        from sqlalchemy import update as sql_update
+
+        from lienthong.exchange.schema import inbox as inbox_table
+
+        reason = f"gói không hợp lệ / invalid package: {reason}"[:1000]
+        store.conn.execute(sql_update(inbox_table).where(inbox_table.c.msg_id == entry.msg_id)
+                           .values(status="rejected", reason=reason))
+        self._audit_refusal(envelope.sender, f"package {envelope.package} refused: {reason}")
+        self._send(store.conn, Envelope("status", self.config.code, envelope.sender, envelope.package,
+                                        envelope.patient, {"step": "rejected", "reason": reason}))
 
     def _import_transfer(self, store: Store, ctx: Context, envelope: Envelope, patient_id: str | None = None) -> None:
         document = envelope.body
