@@ -329,9 +329,11 @@ class FhirApi:
             if request.method == "DELETE":
                 await run_in_threadpool(self.exports.cancel, ctx, job)
                 return Response(status_code=202)
-            status, manifest, headers = await run_in_threadpool(self.exports.status, ctx, job)
+            polled: tuple[int, dict[str, Any] | None, dict[str, str]] = await run_in_threadpool(
+                self.exports.status, ctx, job)
+            code, manifest, headers = polled
             if manifest is None:
-                return Response(status_code=status, headers=headers)
+                return Response(status_code=code, headers=headers)
             return Response(orjson.dumps(manifest), status_code=200, media_type="application/json")
         raise error(404, "not-supported", f"Không hỗ trợ '{op}'", f"Operation '{op}' is not supported")
 

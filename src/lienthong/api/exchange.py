@@ -57,7 +57,8 @@ class ExchangeApi:
             escort_title=values.get("escortTitle", ""), patient_request=values.get("patientRequest") == "true",
             chronic=values.get("chronic") == "true")
         result = await run_in_threadpool(self.exchange.start_transfer, ctx, patient_id, slip)
-        return self.api.json(request, 200, orjson.dumps(_parameters(result)))
+        response: Response = self.api.json(request, 200, orjson.dumps(_parameters(result)))
+        return response
 
     async def transfer_step(self, request: Request) -> Response:
         ctx = await self.api.context(request)
@@ -72,7 +73,8 @@ class ExchangeApi:
                                                    "title": "Tóm tắt ra viện / Discharge summary"}}]}
         result = await run_in_threadpool(self.exchange.update_transfer, ctx, values.get("package", ""),
                                          values.get("step", ""), values.get("reason"), outcome)
-        return self.api.json(request, 200, orjson.dumps(_parameters(result)))
+        response: Response = self.api.json(request, 200, orjson.dumps(_parameters(result)))
+        return response
 
     # ---- hub: registry and locator ---------------------------------------------------------
     async def facilities(self, request: Request) -> Response:

@@ -18,8 +18,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lienthong.fhir.outcome import FhirError
 from lienthong.interactions.bundles import BundleProcessor
-from lienthong.interactions.context import Context
-from lienthong.interactions.service import FhirService
 
 NDJSON_BATCH = 500
 
@@ -60,8 +58,9 @@ def _bundles(path: Path) -> Iterator[dict[str, Any]]:
         yield {"resourceType": "Bundle", "type": "transaction", "entry": [_as_entry(data)]}
 
 
-def load_files(paths: list[Path], db_url: str | None) -> int:
-    from lienthong.node import open_database
+def load_files(paths: list[Path], db_url: str | None, facility: str | None = None) -> int:
+    from lienthong.api.app import ApiSettings
+    from lienthong.node import build_node, open_database
 
     console = Console(stderr=True)
     files = _files(paths)
@@ -69,9 +68,11 @@ def load_files(paths: list[Path], db_url: str | None) -> int:
     if missing:
         console.print(f"[red]Không thấy tệp / File not found:[/] {missing[0]}")
         return 2
-    service = FhirService(open_database(db_url))
-    processor = BundleProcessor(service)
-    ctx = Context(base_url="urn:lienthong:load")
+    from lienthong.cli.operator import operator_context
+
+    node = build_node(open_database(db_url), ApiSettings(node_name="load"), secure=True)
+    processor = BundleProcessor(node.service)  # the same validation, patient index and audit as HTTP writes
+    ctx = operator_context(node, facility)
     loaded, failed = 0, []
     started = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -140,11 +140,14 @@ def db_upgrade(db: str = DB_OPTION) -> None:
 def load(
     paths: list[Path] = typer.Argument(..., help="Bundle JSON files, NDJSON files or folders of them"),
     db: str = DB_OPTION,
+    facility: str = typer.Option(None, "--facility", help="The facility the data belongs to (its access scope)"),
 ) -> None:
     """Nạp Bundle/NDJSON vào kho / Load transaction, batch, collection Bundles or NDJSON files."""
     from lienthong.cli.loader import load_files
 
-    code = load_files(paths, db)
+    if facility is not None and not (len(facility) == 5 and facility.isdigit()):
+        fail("mã cơ sở phải gồm 5 chữ số", "--facility must be a 5-digit code", 2)
+    code = load_files(paths, db, facility)
     if code:
         sys.exit(code)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from lienthong.cli.common import DB_OPTION, fail
 from lienthong.cli.mpi import mpi_app
 from lienthong.fhir.outcome import FhirError
+
+__all__ = ["mpi_app", "review_app"]
 
 review_app = typer.Typer(help="Hàng đợi xét duyệt trùng bệnh nhân / Possible-match review queue", no_args_is_help=True)
 mpi_app.add_typer(review_app, name="review")
@@ -21,11 +22,14 @@ def review_list(status: str = typer.Option("pending", "--status"), db: str = DB_
     from lienthong.cli.operator import open_node
 
     node = open_node(db)
-    table = Table("review", "left", "right", "score", "why")
-    for item in node.identity.reviews(status):
+    items = node.identity.reviews(status)
+    # Plain lines, not a table: the ids are needed whole for `review decide`, in any terminal or pipe.
+    typer.echo("review\tleft\tright\tscore\twhy")
+    for item in items:
         why = ", ".join(f"{w['field']}={w['level']}" for w in item["explanation"][1:6])
-        table.add_row(item["review_id"], item["left_id"], item["right_id"], f"{item['score']:.1f}", why)
-    out.print(table)
+        typer.echo(f"{item['review_id']}\t{item['left_id']}\t{item['right_id']}\t{item['score']:.1f}\t{why}")
+    if not items:
+        out.print("Không có mục nào / nothing to review")
 
 
 @review_app.command("decide")

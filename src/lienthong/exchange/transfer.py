@@ -292,8 +292,8 @@ def _relink(resource: JSON, ids: dict[str, str]) -> JSON:
     raw = orjson.dumps({k: v for k, v in resource.items() if k not in ("meta", "id")})
     for key, urn_value in ids.items():
         raw = raw.replace(f'"reference":"{key}"'.encode(), f'"reference":"{urn_value}"'.encode())
-    out: JSON = orjson.loads(raw)
-    return _drop_dangling(out)
+    out: JSON = _drop_dangling(orjson.loads(raw))
+    return out
 
 
 def _drop_dangling(node: Any) -> Any:

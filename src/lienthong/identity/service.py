@@ -57,7 +57,7 @@ def grade(result: MatchResult, record: PersonRecord, candidate: PersonRecord) ->
     if result.decision == "match":
         same_id = record.national_id and record.national_id == candidate.national_id
         return "certain" if same_id else "probable"
-    return "possible" if result.decision == "review" else "certainly-not"
+    return "possible" if result.decision == "review" else "certainly-not"  # no_match
 
 
 class IdentityService:
@@ -120,7 +120,7 @@ class IdentityService:
                         "$match needs a name or an identifier plus at least one more field")
         with self.db.begin() as store:
             found = self.candidates(store, record)
-            results = [r for r in self.model.score(record, found) if r.decision != "no-match"]
+            results = [r for r in self.model.score(record, found) if r.decision != "no_match"]
             by_id = {c.record_id: c for c in found}
             graded = [(r, grade(r, record, by_id[r.right_id])) for r in results]
             if only_certain:
@@ -128,7 +128,7 @@ class IdentityService:
             graded = graded[:count]
             stored = {s.rid: s for s in store.fetch_current([("Patient", r.right_id) for r, _ in graded])}
             visible = {s.rid for s in self.service.guard.visible(ctx, store, list(stored.values()))}
-        entries = []
+        entries: list[JSON] = []
         for result, g in graded:
             if result.right_id not in visible:
                 continue
@@ -148,10 +148,14 @@ class IdentityService:
     # ---- links and golden records --------------------------------------------------
     def resolve(self, ctx: Context, patient_id: str, source: str = "link") -> JSON:
         """Match one stored Patient against the index: link on a match, queue a review on a possible match."""
+        self.service.guard.authorize(ctx, "update", "Patient")
         with self.db.begin() as store:
             current = store.current("Patient", patient_id)
             if current is None or current.deleted or not self.service.guard.visible(ctx, store, [current]):
                 raise error(404, "not-found", f"Không tìm thấy Patient/{patient_id}", f"Patient/{patient_id} not found")
+            if _is_golden(current.resource()):
+                raise error(400, "invalid", "Hồ sơ gốc không được so khớp như hồ sơ nguồn",
+                            "A golden record is not matched as a source record")
             record = to_person(current.resource(), patient_id)
             results = self.model.score(record, self.candidates(store, record, exclude={patient_id}))
             linked, queued = [], []
@@ -161,13 +165,18 @@ class IdentityService:
                     linked.append(result.right_id)
                 elif result.decision == "review":
                     queued.append(self._queue(store, patient_id, result, source))
+            if queued:
+                self.service.guard.on_write(ctx, store, AuditFacts(
+                    "update", resources=[("Patient", patient_id)],
+                    detail=f"possible matches sent to review: {', '.join(queued)}"), [])
         return {"patient": patient_id, "linked": linked, "review": queued}
 
     def _queue(self, store: Store, left: str, result: MatchResult, source: str) -> str:
         rv = schema.mpi_review
         lo, hi = sorted((left, result.right_id))
-        existing = store.execute(select(rv.c.review_id).where(rv.c.left_id == lo, rv.c.right_id == hi,
-                                                              rv.c.status == "pending")).first()
+        # A pair already decided (or waiting) is never queued again: a "no-match" stays decided.
+        existing = store.execute(select(rv.c.review_id).where(rv.c.left_id == lo, rv.c.right_id == hi)
+                                 .order_by(rv.c.created.desc())).first()
         if existing:
             return str(existing[0])
         review_id = str(uuid.uuid4())
@@ -234,6 +243,7 @@ class IdentityService:
     def decide(self, ctx: Context, review_id: str, decision: str) -> JSON:
         if decision not in ("match", "no-match"):
             raise error(400, "invalid", "Quyết định phải là match hoặc no-match", "decision must be match or no-match")
+        self.service.guard.authorize(ctx, "update", "Patient")
         rv = schema.mpi_review
         with self.db.begin() as store:
             row = store.execute(select(rv.c.left_id, rv.c.right_id, rv.c.status).where(rv.c.review_id == review_id)).first()
@@ -263,7 +273,7 @@ class IdentityService:
             src = store.current("Patient", source_id, lock=True)
             tgt = store.current("Patient", target_id, lock=True)
             for pid, cur in ((source_id, src), (target_id, tgt)):
-                if cur is None or cur.deleted or not self.service.guard.visible(ctx, store, [cur], writing=True):
+                if cur is None or cur.deleted or not self.service.guard.visible(ctx, store, [cur]):
                     raise error(404, "not-found", f"Không tìm thấy Patient/{pid}", f"Patient/{pid} not found")
             assert src is not None and tgt is not None
             if _replaced(src.resource()):
@@ -300,7 +310,7 @@ class IdentityService:
             for pid, version in ((row[0], row[2]), (row[1], row[3])):
                 before = store.version("Patient", pid, version)
                 current = store.current("Patient", pid, lock=True)
-                if before is None or current is None or not self.service.guard.visible(ctx, store, [current], True):
+                if before is None or current is None or not self.service.guard.visible(ctx, store, [current]):
                     raise error(404, "not-found", f"Không tìm thấy Patient/{pid}", f"Patient/{pid} not found")
                 restored = before.resource()
                 restored.pop("meta", None)

@@ -223,7 +223,7 @@ class BundleProcessor:
 
     def _current_for_write(self, ctx: Context, store: Store, rtype: str, rid: str) -> Stored | None:
         current = store.current(rtype, rid, lock=True)
-        if self.service._hidden(ctx, store, current, writing=True):
+        if self.service._hidden(ctx, store, current):
             raise self.service._not_found(ctx, "transaction", rtype, rid)
         return current
 

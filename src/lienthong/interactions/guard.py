@@ -30,6 +30,7 @@ class AuditFacts:
     patients: set[str] = field(default_factory=set)
     query: str | None = None
     detail: str | None = None
+    bodies: list[bytes] = field(default_factory=list)  # what was returned, so the audit names its patients
 
 
 class Guard(Protocol):

@@ -109,7 +109,7 @@ class FhirService:
     # ---- read ----------------------------------------------------------------
     def _hidden(self, ctx: Context, store: Store, found: Stored | None, writing: bool = False) -> bool:
         """True when the resource exists but the caller may not see it: answered as 404, never 403."""
-        return found is not None and not found.deleted and not self.guard.visible(ctx, store, [found], writing)
+        return found is not None and not self.guard.visible(ctx, store, [found], writing)
 
     def _not_found(self, ctx: Context, action: str, rtype: str, rid: str) -> FhirError:
         self.guard.on_access(ctx, AuditFacts(action, outcome=4, resources=[(rtype, rid)], detail="not found"))
@@ -123,7 +123,8 @@ class FhirService:
             found = store.current(rtype, rid)
             if self._hidden(ctx, store, found):
                 found = None
-        self.guard.on_access(ctx, AuditFacts("read", 0 if found else 4, [(rtype, rid)]))
+        self.guard.on_access(ctx, AuditFacts("read", 0 if found else 4, [(rtype, rid)],
+                                             bodies=[found.body] if found and found.body else []))
         if found is None:
             raise error(404, "not-found", f"Không tìm thấy {rtype}/{rid}", f"{rtype}/{rid} not found")
         if found.deleted:
@@ -141,7 +142,8 @@ class FhirService:
             found = store.version(rtype, rid, int(version))
             if found is not None and not self.guard.visible(ctx, store, [found]):
                 found = None
-        self.guard.on_access(ctx, AuditFacts("vread", 0 if found else 4, [(rtype, rid)]))
+        self.guard.on_access(ctx, AuditFacts("vread", 0 if found else 4, [(rtype, rid)],
+                                             bodies=[found.body] if found and found.body else []))
         if found is None:
             raise error(404, "not-found", f"Không có phiên bản {version}", f"{rtype}/{rid}/_history/{version} not found")
         if found.deleted:
@@ -184,7 +186,7 @@ class FhirService:
         method: str = "PUT",
     ) -> Result:
         current = store.current(rtype, rid, lock=True)
-        if self._hidden(ctx, store, current, writing=True):
+        if self._hidden(ctx, store, current):
             raise self._not_found(ctx, "update", rtype, rid)
         if current is None:
             if if_match:
@@ -217,7 +219,10 @@ class FhirService:
                             "The conditional update matched more than one resource")
             if not matches:
                 rid = resource.get("id")
-                if rid and store.current(rtype, rid) is not None:
+                taken = store.current(rtype, rid) if rid else None
+                if taken is not None:
+                    if self._hidden(ctx, store, taken):  # never confirm that an invisible id exists
+                        raise self._not_found(ctx, "update", rtype, str(rid))
                     raise error(409, "conflict", "id đã dùng cho tài nguyên khác",
                                 "The body id belongs to a resource that does not match the condition")
                 stored = store.create(resource, rid)
@@ -241,7 +246,7 @@ class FhirService:
         self.guard.authorize(ctx, "patch", rtype)
         with self.db.begin() as store:
             current = store.current(rtype, rid, lock=True)
-            if current is None or current.deleted or self._hidden(ctx, store, current, writing=True):
+            if current is None or current.deleted or self._hidden(ctx, store, current):
                 raise self._not_found(ctx, "patch", rtype, rid)
             self._check_if_match(current, if_match)
             try:
@@ -266,7 +271,7 @@ class FhirService:
 
     def _delete_in(self, ctx: Context, store: Store, rtype: str, rid: str) -> Result:
         current = store.current(rtype, rid, lock=True)
-        if current is None or self._hidden(ctx, store, current, writing=True):
+        if current is None or self._hidden(ctx, store, current):
             raise self._not_found(ctx, "delete", rtype, rid)
         if current.deleted:
             return Result(200, current, outcome=_info("Đã xoá trước đó", f"{rtype}/{rid} was already deleted"))
@@ -302,7 +307,7 @@ class FhirService:
         from lienthong.storage.schema import resource as res_table
 
         extra = self.guard.search_filter(ctx, query.resource_type, res_table)
-        return build_select(query, types, extra)
+        return build_select(query, types, extra, lambda rtype, alias: self.guard.search_filter(ctx, rtype, alias))
 
     # ---- history -------------------------------------------------------------
     def history(self, ctx: Context, rtype: str | None, rid: str | None, params: list[tuple[str, str]]) -> Result:
@@ -396,7 +401,7 @@ class FhirService:
             keys = [(r[0], r[1]) for r in store.execute(stmt.limit(SNAPSHOT_LIMIT + 1)).all()]
             complete = len(keys) <= SNAPSHOT_LIMIT
             keys = keys[:SNAPSHOT_LIMIT]
-            sid = self._snapshot(store, keys, _url(base, query.self_params), len(keys))
+            sid = self._snapshot(store, ctx, keys, _url(base, query.self_params), len(keys))
             if complete:
                 total = len(keys)
         if query.total == "accurate" and total is None:
@@ -404,15 +409,20 @@ class FhirService:
         page_keys = keys[query.offset : query.offset + query.count]
         return self._bundle(store, ctx, query, base, page_keys, total, sid, query.offset, len(keys), ignored)
 
-    def _snapshot(self, store: Store, keys: Sequence[tuple[int, int]], self_url: str, total: int,
+    @staticmethod
+    def _owner(ctx: Context) -> str | None:
+        return f"{getattr(ctx.principal, 'kind', '')}:{ctx.actor}" if ctx.actor else None
+
+    def _snapshot(self, store: Store, ctx: Context, keys: Sequence[tuple[int, int]], self_url: str, total: int,
                   modes: Sequence[str] | None = None) -> str:
         sid = secrets.token_hex(16)
         if not store.writable:  # a read-only search: the snapshot gets its own short write transaction
             with self.db.begin() as writer:
-                return self._snapshot(writer, keys, self_url, total, modes)
+                return self._snapshot(writer, ctx, keys, self_url, total, modes)
         conn = store.conn
         conn.execute(delete(schema.search_set).where(schema.search_set.c.created < store.now - SNAPSHOT_TTL_US))
-        conn.execute(insert(schema.search_set).values(sid=sid, created=store.now, total=total, query=self_url))
+        conn.execute(insert(schema.search_set).values(sid=sid, created=store.now, total=total, query=self_url,
+                                                      owner=self._owner(ctx)))
         conn.execute(
             insert(schema.search_entry),
             [{"sid": sid, "ord": i, "res_pk": pk, "version": ver, "mode": modes[i] if modes else "match"}
@@ -422,8 +432,10 @@ class FhirService:
 
     def _page(self, store: Store, ctx: Context, query: SearchQuery, base: str) -> Result:
         ss, se = schema.search_set, schema.search_entry
-        found = store.execute(select(ss.c.total, ss.c.query).where(ss.c.sid == query.getpages)).first()
-        if found is None:
+        found = store.execute(select(ss.c.total, ss.c.query).where(
+            ss.c.sid == query.getpages, ss.c.owner.is_(None) if ctx.actor is None else ss.c.owner == self._owner(ctx))
+        ).first()
+        if found is None:  # expired, or another caller's search: the same answer either way
             raise error(410, "not-found", "Trang kết quả đã hết hạn", "This search result has expired; search again")
         rows = store.execute(
             select(se.c.res_pk, se.c.version, se.c.mode)
@@ -443,7 +455,7 @@ class FhirService:
         included = self._includes(ctx, store, query, matched)
         self.guard.on_access(ctx, AuditFacts(
             "search", resources=[(m.rtype, m.rid) for m in matched + included],
-            query=_url(base, query.self_params)))
+            query=_url(base, query.self_params), bodies=[m.body for m in matched + included if m.body]))
         entries: list[JSON] = []
         shaping = query.summary in ("true", "text", "data") or query.elements
         for item, mode in [(m, mode_of.get((m.res_pk, m.version), "match")) for m in matched] + [
@@ -567,12 +579,14 @@ class FhirService:
             if patient is None or patient.deleted or self._hidden(ctx, store, patient):
                 raise self._not_found(ctx, "operation", "Patient", rid)
             keys = self._compartment_keys(store, patient, since, types)
+            visible = {(s.res_pk, s.version) for s in self.guard.visible(ctx, store, store.fetch(keys))}
+            keys = [k for k in keys if k in visible]  # totals never count what the caller may not see
             query = SearchQuery(None, count=count)
             query.self_params = [(k, v) for k, v in params if k in ("_since", "_type", "_count")]
             base = f"{ctx.base_url}/Patient/{rid}/$everything"
             if len(keys) <= count:
                 return self._bundle(store, ctx, query, base, keys, len(keys), None, 0, len(keys), [])
-            sid = self._snapshot(store, keys, base, len(keys))
+            sid = self._snapshot(store, ctx, keys, base, len(keys))
             return self._bundle(store, ctx, query, base, keys[:count], len(keys), sid, 0, len(keys), [])
 
     def compartment_params(self) -> dict[str, list[int]]:
@@ -685,7 +699,7 @@ class FhirService:
         self.guard.authorize(ctx, "update", rtype)
         with self.db.begin() as store:
             current = store.current(rtype, rid, lock=True)
-            if current is None or current.deleted or self._hidden(ctx, store, current, writing=True):
+            if current is None or current.deleted or self._hidden(ctx, store, current):
                 raise self._not_found(ctx, "operation", rtype, rid)
             resource = current.resource()
             meta = dict(resource.get("meta") or {})

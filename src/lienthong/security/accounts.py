@@ -152,25 +152,31 @@ class Accounts:
         """Check a password with lockout: 5 failures lock the account for 15 minutes."""
         now = now or now_us()
         u = schema.app_user
-        with self.engine.begin() as conn:
+        failure: LoginFailed | None = None
+        with self.engine.begin() as conn:  # the failure counter must commit, so refusals are raised after
             row = conn.execute(select(u.c.user_id, u.c.password_hash, u.c.disabled, u.c.failed_logins,
                                       u.c.locked_until).where(u.c.username == username)).first()
             if row is None:
                 passwords.verify_password(_DUMMY_HASH, password)  # same time as a real check
-                raise LoginFailed("sai tên đăng nhập hoặc mật khẩu / wrong username or password")
-            user_id, stored, disabled, failures, locked_until = row
-            if disabled:
-                raise LoginFailed("tài khoản đã bị khoá / account disabled")
-            if locked_until is not None and locked_until > now:
-                raise LoginFailed("tài khoản tạm khoá do sai nhiều lần / account locked after failed logins",
-                                  locked=True)
-            if not passwords.verify_password(stored, password):
-                failures += 1
-                lock = now + passwords.LOCKOUT_US if failures >= passwords.MAX_FAILURES else None
-                conn.execute(update(u).where(u.c.user_id == user_id).values(
-                    failed_logins=0 if lock else failures, locked_until=lock))
-                raise LoginFailed("sai tên đăng nhập hoặc mật khẩu / wrong username or password", locked=bool(lock))
-            conn.execute(update(u).where(u.c.user_id == user_id).values(failed_logins=0, locked_until=None))
+                failure = LoginFailed("sai tên đăng nhập hoặc mật khẩu / wrong username or password")
+            else:
+                user_id, stored, disabled, failures, locked_until = row
+                if disabled:
+                    failure = LoginFailed("tài khoản đã bị khoá / account disabled")
+                elif locked_until is not None and locked_until > now:
+                    failure = LoginFailed("tài khoản tạm khoá do sai nhiều lần / account locked after failed logins",
+                                          locked=True)
+                elif not passwords.verify_password(stored, password):
+                    failures += 1
+                    lock = now + passwords.LOCKOUT_US if failures >= passwords.MAX_FAILURES else None
+                    conn.execute(update(u).where(u.c.user_id == user_id).values(
+                        failed_logins=0 if lock else failures, locked_until=lock))
+                    failure = LoginFailed("sai tên đăng nhập hoặc mật khẩu / wrong username or password",
+                                          locked=bool(lock))
+                else:
+                    conn.execute(update(u).where(u.c.user_id == user_id).values(failed_logins=0, locked_until=None))
+        if failure is not None or row is None:
+            raise failure or LoginFailed("sai tên đăng nhập hoặc mật khẩu / wrong username or password")
         user = self.get_user(user_id=user_id)
         assert user is not None
         if not user.active_roles(datetime.fromtimestamp(now / 1e6, UTC)):

@@ -11,6 +11,7 @@ every 50 ms, so a read never waits on the chain lock.
 from __future__ import annotations
 
 import hashlib
+import logging
 import queue
 import threading
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from sqlalchemy import Connection, Engine, insert, select, update
 from lienthong.fhir.datetimes import format_instant, now_us
 from lienthong.storage import schema
 from lienthong.storage.engine import read_connection
+
+logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 FLUSH_SECONDS = 0.05
@@ -120,8 +123,10 @@ class AuditRecord:
         return event
 
 
-def _chain(prev: str, seq: int, body: bytes) -> str:
-    return hashlib.sha256(f"{prev}|{seq}|".encode() + hashlib.sha256(body).digest()).hexdigest()
+def _chain(prev: str, seq: int, body: bytes, columns: tuple[Any, ...] = ()) -> str:
+    """The record's hash covers the previous hash, its sequence, the queried columns and the body."""
+    head = "|".join([prev, str(seq), *("" if c is None else str(c) for c in columns)]) + "|"
+    return hashlib.sha256(head.encode() + hashlib.sha256(body).digest()).hexdigest()
 
 
 class AuditTrail:
@@ -133,6 +138,7 @@ class AuditTrail:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
 
     # ---- writing -------------------------------------------------------------
     def record_in(self, conn: Connection, records: Sequence[AuditRecord]) -> None:
@@ -152,11 +158,13 @@ class AuditTrail:
             event = rec.to_fhir()
             event["id"] = str(seq)
             body = orjson.dumps(event)
-            digest = _chain(prev, seq, body)
+            patient_ids = sorted(set(rec.patients))
+            digest = _chain(prev, seq, body, (rec.recorded, rec.actor, rec.facility, rec.action, str(rec.outcome),
+                                              ",".join(patient_ids)))
             rows.append({"seq": seq, "recorded": rec.recorded, "actor": rec.actor, "facility": rec.facility,
                          "action": rec.action, "outcome": str(rec.outcome),
                          "body": body, "prev_hash": prev, "hash": digest})
-            patients.extend({"seq": seq, "patient_id": p} for p in sorted(set(rec.patients)))
+            patients.extend({"seq": seq, "patient_id": p} for p in patient_ids)
             prev = digest
         conn.execute(insert(schema.audit_log), rows)
         if patients:
@@ -180,18 +188,28 @@ class AuditTrail:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._stop.wait(FLUSH_SECONDS)
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # the batch went back to the queue; try again on the next tick
+                logger.exception("audit: flush failed; will retry")
 
     def flush(self) -> None:
-        batch: list[AuditRecord] = []
-        while True:
+        with self._flush_lock:
+            batch: list[AuditRecord] = []
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if not batch:
+                return
             try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        if batch:
-            with self.engine.begin() as conn:
-                self.record_in(conn, batch)
+                with self.engine.begin() as conn:
+                    self.record_in(conn, batch)
+            except Exception:
+                for rec in batch:  # never drop an audit record: back in the queue, in order
+                    self._queue.put(rec)
+                raise
 
     def close(self) -> None:
         self._stop.set()
@@ -203,37 +221,44 @@ class AuditTrail:
     def events(self, patient: str | None = None, actor: str | None = None, since: int | None = None,
                until: int | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         self.flush()
-        log = schema.audit_log
-        stmt = select(log.c.body).order_by(log.c.seq.desc()).limit(limit)
+        table = schema.audit_log
+        stmt = select(table.c.body).order_by(table.c.seq.desc()).limit(limit)
         if actor is not None:
-            stmt = stmt.where(log.c.actor == actor)
+            stmt = stmt.where(table.c.actor == actor)
         if since is not None:
-            stmt = stmt.where(log.c.recorded >= since)
+            stmt = stmt.where(table.c.recorded >= since)
         if until is not None:
-            stmt = stmt.where(log.c.recorded <= until)
+            stmt = stmt.where(table.c.recorded <= until)
         if patient is not None:
             ap = schema.audit_patient
-            stmt = stmt.where(log.c.seq.in_(select(ap.c.seq).where(ap.c.patient_id == patient)))
+            stmt = stmt.where(table.c.seq.in_(select(ap.c.seq).where(ap.c.patient_id == patient)))
         with read_connection(self.engine) as conn:
             return [orjson.loads(bytes(r[0])) for r in conn.execute(stmt)]
 
     def verify(self) -> tuple[bool, int, str]:
         """Recompute the chain. Returns (ok, records checked, message)."""
         self.flush()
-        log, head = schema.audit_log, schema.audit_head
+        table, head, ap = schema.audit_log, schema.audit_head, schema.audit_patient
         prev, expected_seq, count = GENESIS, 1, 0
         with read_connection(self.engine) as conn:
+            # The head first: records appended while we read lie beyond it and are checked next time.
+            head_seq, head_hash = conn.execute(select(head.c.seq, head.c.hash).where(head.c.id == 1)).one()
+            linked: dict[int, list[str]] = {}
+            for seq, pid in conn.execute(select(ap.c.seq, ap.c.patient_id).where(ap.c.seq <= head_seq)):
+                linked.setdefault(seq, []).append(pid)
             rows = conn.execution_options(yield_per=2000).execute(
-                select(log.c.seq, log.c.body, log.c.prev_hash, log.c.hash).order_by(log.c.seq))
-            for seq, body, stored_prev, stored_hash in rows:
+                select(table.c.seq, table.c.body, table.c.prev_hash, table.c.hash, table.c.recorded, table.c.actor,
+                       table.c.facility, table.c.action, table.c.outcome)
+                .where(table.c.seq <= head_seq).order_by(table.c.seq))
+            for seq, body, stored_prev, stored_hash, recorded, actor, facility, action, outcome in rows:
                 if seq != expected_seq:
                     return False, count, f"thiếu bản ghi trước #{seq} / record(s) missing before #{seq}"
                 if stored_prev != prev:
                     return False, count, f"chuỗi bị đứt tại #{seq} / chain broken at #{seq}"
-                if _chain(prev, seq, bytes(body)) != stored_hash:
+                columns = (recorded, actor, facility, action, outcome, ",".join(sorted(linked.get(seq, []))))
+                if _chain(prev, seq, bytes(body), columns) != stored_hash:
                     return False, count, f"bản ghi #{seq} đã bị sửa / record #{seq} was altered"
                 prev, expected_seq, count = stored_hash, seq + 1, count + 1
-            head_seq, head_hash = conn.execute(select(head.c.seq, head.c.hash).where(head.c.id == 1)).one()
         if head_seq != count or head_hash != prev:
             return False, count, "bản ghi cuối đã bị xoá hoặc sửa / the newest records were removed or altered"
         return True, count, f"toàn vẹn: {count} bản ghi / intact: {count} records, head {prev[:16]}…"

@@ -13,6 +13,7 @@ because admitting it exists would itself leak.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from lienthong.storage import schema
 from lienthong.storage.engine import read_connection
 from lienthong.storage.repository import Store, Stored
 
+_PATIENT_REF = re.compile(rb'"reference":"Patient/([A-Za-z0-9\-.]{1,64})"')
 _LETTER = {"read": "r", "vread": "r", "history": "r", "search": "s", "create": "c", "update": "u", "patch": "u",
            "delete": "d"}
 AUDIT_TYPES = {"AuditEvent"}
@@ -101,6 +103,9 @@ class AccessGuard:
         if rtype in AUDIT_TYPES and letters & {"r", "s"} and not (p.has("audit_reader") or p.kind == "client"):
             self._refuse(ctx, interaction, rtype, "chỉ kiểm toán viên đọc nhật ký / only auditors read the audit log")
         if p.kind == "user":
+            if interaction == "export" and not p.has("bulk_export"):
+                self._refuse(ctx, interaction, rtype, "cần quyền xuất dữ liệu hàng loạt / requires the bulk export "
+                                                      "permission")
             if not p.roles:
                 self._refuse(ctx, interaction, rtype, "ngoài khung giờ được phép / outside the permitted time window")
             granted = set().union(*(ROLES[r].interactions for r in p.roles if r in ROLES))
@@ -177,14 +182,22 @@ class AccessGuard:
     def search_filter(self, ctx: Context, rtype: str | None, res: FromClause) -> ColumnElement[bool] | None:
         p = _principal(ctx)
         patients = self.visible_patients(p)
-        if patients is None:
-            return None
-        return self._clause_for(rtype, res, patients)
+        clauses = [] if patients is None else [self._clause_for(rtype, res, patients)]
+        if not self._reads_audit(p):  # AuditEvents stay out of includes, $everything and system-level reads too
+            clauses.append(res.c.rtype.not_in(sorted(AUDIT_TYPES)))
+        return and_(*clauses) if clauses else None
+
+    @staticmethod
+    def _reads_audit(p: Principal) -> bool:
+        return p.has("audit_reader") or (p.kind == "client" and any(
+            s.resource_type in ("*", "AuditEvent") and "r" in s.letters for s in p.scopes))
 
     def visible(self, ctx: Context, store: Store, items: list[Stored], writing: bool = False) -> list[Stored]:
         if not items:
             return items
         p = _principal(ctx)
+        if not self._reads_audit(p):
+            items = [i for i in items if i.rtype not in AUDIT_TYPES]
         patients = self.visible_patients(p, writing)
         if patients is None:
             return items
@@ -249,6 +262,8 @@ class AccessGuard:
     def _record(self, ctx: Context, facts: AuditFacts) -> AuditRecord:
         p = ctx.principal if isinstance(ctx.principal, Principal) else None
         patients = set(facts.patients) | {i for t, i in facts.resources if t == "Patient"}
+        for body in facts.bodies:  # the patients a read resource is about (subject, patient, ...)
+            patients.update(m.decode() for m in _PATIENT_REF.findall(body))
         return AuditRecord(
             action=facts.action, outcome=facts.outcome, actor=p.actor if p else None,
             actor_kind=p.kind if p else "anonymous", roles=p.roles if p else (), facility=p.facility if p else None,

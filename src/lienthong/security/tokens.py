@@ -28,6 +28,7 @@ from lienthong.storage.engine import read_connection
 
 ACCESS_TTL_S = 3600
 REVOCATION_REFRESH_S = 2.0
+KEY_REFRESH_S = 60.0
 
 
 class TokenError(Exception):
@@ -62,6 +63,7 @@ class TokenService:
         self._cache: dict[str, Claims] = {}
         self._revoked: set[str] = set()
         self._revoked_at = 0.0
+        self._loaded_at = 0.0
 
     # ---- keys ----------------------------------------------------------------
     def _load_keys(self) -> None:
@@ -106,9 +108,11 @@ class TokenService:
         return {"keys": [k.as_dict(private=False) for k in self._keyset.keys]}
 
     def _ensure(self) -> None:
+        """Keys are re-read every minute, so a rotation by another process takes effect on running nodes."""
         with self._lock:
-            if self._signing is None:
+            if self._signing is None or time.monotonic() - self._loaded_at > KEY_REFRESH_S:
                 self._load_keys()
+                self._loaded_at = time.monotonic()
 
     # ---- issue / verify --------------------------------------------------------
     def issue(self, subject: str, claims: dict[str, Any], ttl: int = ACCESS_TTL_S) -> tuple[str, Claims]:

@@ -101,13 +101,15 @@ class Store:
         """The current version (possibly a delete marker), or None if the id was never used."""
         self.flush()
         r, v = schema.resource, schema.resource_version
+        if lock and not self.db.sqlite:
+            # Lock the pointer row alone first: a FOR UPDATE over the join would, once the previous lock
+            # holder commits a new version, re-check the join against the old version and find nothing.
+            self.conn.execute(select(r.c.res_pk).where(r.c.rtype == rtype, r.c.rid == rid).with_for_update())
         stmt = (
             select(r.c.res_pk, r.c.rtype, r.c.rid, r.c.version, r.c.last_updated, r.c.deleted, v.c.body, v.c.method)
             .join(v, (v.c.res_pk == r.c.res_pk) & (v.c.version == r.c.version))
             .where(r.c.rtype == rtype, r.c.rid == rid)
         )
-        if lock and not self.db.sqlite:
-            stmt = stmt.with_for_update(of=r)
         row = self.conn.execute(stmt).first()
         return Stored(*row) if row else None
 

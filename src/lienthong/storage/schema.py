@@ -141,6 +141,7 @@ search_set = Table(
     Column("created", BigInteger, nullable=False),
     Column("total", Integer, nullable=False),
     Column("query", Text, nullable=False),  # the canonical self link, for rebuilding links
+    Column("owner", String(128), nullable=True),  # who searched: only they may page through it
     Index("ix_search_set_created", "created"),
 )
 search_entry = Table(

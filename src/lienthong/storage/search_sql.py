@@ -8,6 +8,7 @@ search value can change the SQL.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import ColumnElement, FromClause, Select, and_, false, func, not_, or_, select, true
@@ -134,7 +135,19 @@ def _value_match(t: FromClause, ptype: str, value: object, modifier: str | None)
 
 
 class CriteriaCompiler:
-    """Builds WHERE clauses; `res` is the resource-table alias being filtered."""
+    """Builds WHERE clauses; `res` is the resource-table alias being filtered.
+
+    `restrict(type, alias)` gives the access-control condition for resources reached inside chains and
+    `_has`, so that a criterion can never test facts about resources the caller may not see."""
+
+    def __init__(self, restrict: Callable[[str | None, FromClause], ColumnElement[bool] | None] | None = None) -> None:
+        self.restrict = restrict
+
+    def _restricted(self, rtype: str | None, alias: FromClause) -> list[ColumnElement[bool]]:
+        if self.restrict is None:
+            return []
+        clause = self.restrict(rtype, alias)
+        return [] if clause is None else [clause]
 
     def clause(self, crit: Criterion, res: FromClause) -> ColumnElement[bool]:
         if crit.type == "has":
@@ -182,7 +195,8 @@ class CriteriaCompiler:
         assert crit.param is not None and crit.chain is not None and crit.chain_type is not None
         target = resource.alias()
         target_ids = select(target.c.rid).where(
-            target.c.rtype == crit.chain_type, target.c.deleted == false(), self.clause(crit.chain, target)
+            target.c.rtype == crit.chain_type, target.c.deleted == false(), self.clause(crit.chain, target),
+            *self._restricted(crit.chain_type, target),
         )
         ref = INDEX_TABLES["reference"]
         sub = select(ref.c.res_pk).where(
@@ -202,6 +216,7 @@ class CriteriaCompiler:
                 ref.c.target_type == crit.resource_type,
                 source.c.deleted == false(),
                 self.clause(crit.chain, source),
+                *self._restricted(crit.has_type, source),
             )
         )
         return res.c.rid.in_(sub)
@@ -251,17 +266,20 @@ def _sort_key(code: str, desc: bool, param: SearchParam | None, res: FromClause)
             .where(table.c.res_pk == res.c.res_pk, table.c.pkey == param.key)
             .scalar_subquery()
         )
+        # Resources without the value come last either way, on both backends (their defaults differ).
+        return col.desc().nulls_last() if desc else col.asc().nulls_last()
     return col.desc() if desc else col.asc()
 
 
 def build_select(query: SearchQuery, types: list[str] | None = None,
-                 extra: ColumnElement[bool] | None = None) -> Select[Any]:
+                 extra: ColumnElement[bool] | None = None,
+                 restrict: Callable[[str | None, FromClause], ColumnElement[bool] | None] | None = None) -> Select[Any]:
     """SELECT res_pk, version of the matching current resources, in result order.
 
     `extra` is the access-control restriction on the `resource` table, added to the same query so that
     totals and paging never count what the caller may not see."""
     res = resource
-    compiler = CriteriaCompiler()
+    compiler = CriteriaCompiler(restrict)
     stmt = select(res.c.res_pk, res.c.version).where(res.c.deleted == false())
     if extra is not None:
         stmt = stmt.where(extra)
