@@ -54,11 +54,14 @@ def pg_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'lienthong.db'}"
+        yield f"sqlite:///{tmp_path / 'lienthong.db'}"
+        return
     server: PostgresServer = request.getfixturevalue("pg_server")
-    return server.create_database(f"t{next(_counter)}_{os.getpid()}", template="lienthong_template")
+    name = f"t{next(_counter)}_{os.getpid()}"
+    yield server.create_database(name, template="lienthong_template")
+    server.drop_database(name)  # keeps the cluster small: teardown stays fast
 
 
 @pytest.fixture

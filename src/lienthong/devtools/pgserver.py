@@ -92,6 +92,14 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"{tmpl}')
         return self.url(name)
 
+    def drop_database(self, name: str) -> None:
+        """Drop a test database, disconnecting whoever still holds it."""
+        import psycopg
+
+        with contextlib.suppress(psycopg.Error), psycopg.connect(
+                f"host=127.0.0.1 port={self.port} user=lienthong dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
     def stop(self) -> None:
         with contextlib.suppress(PostgresUnavailable):
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
