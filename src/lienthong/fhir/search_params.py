@@ -26,7 +26,7 @@ from lienthong.fhir.paths import (
     compile_expression,
     compile_relative,
 )
-from lienthong.text import fold
+from lienthong.text import fold, nfc
 
 MAX_INDEXED = 255  # index columns keep this many characters; exact matches still compare in full text
 
@@ -214,7 +214,7 @@ def _add_string(rows: IndexRows, key: int, grp: int | None, node: Node, _: Searc
         folded = fold(text)
         if folded and folded not in seen:
             seen.add(folded)
-            rows.string.append((key, grp, _clip(folded), _clip(text)))
+            rows.string.append((key, grp, _clip(folded), _clip(nfc(text))))  # :exact compares NFC forms
 
 
 _ADDRESS_PARTS = ("city", "district", "state", "postalCode", "country")
