@@ -35,6 +35,7 @@ MATCH_GRADE = "http://hl7.org/fhir/StructureDefinition/match-grade"
 ENTERPRISE_SYSTEM = "https://lienthong.vn/fhir/sid/eid"
 GOLDEN_TAG = {"system": "https://lienthong.vn/fhir/CodeSystem/mpi", "code": "golden", "display": "Hồ sơ gốc / Golden record"}
 MAX_CANDIDATES = 500
+_IDENTIFIER_KEYS = frozenset({"id", "si", "ph", "ox"})
 
 
 @lru_cache(maxsize=1)
@@ -102,8 +103,20 @@ class IdentityService:
         if not keys:
             return []
         b, p = schema.mpi_block, schema.mpi_person
-        ids = select(b.c.patient_id).where(b.c.key.in_(keys)).distinct().limit(MAX_CANDIDATES).subquery()
-        rows = store.execute(select(p.c.patient_id, p.c.record).where(p.c.patient_id.in_(select(ids.c.patient_id)))).all()
+        # Identifier keys (CCCD, insurance, phone, other id) are small and decisive: always taken whole;
+        # the demographic keys fill up to the cap, so a crowded family+commune block never crowds them out.
+        exact = [k for k in keys if k.split(":", 1)[0] in _IDENTIFIER_KEYS]
+        fuzzy = [k for k in keys if k not in exact]
+        chosen: list[str] = []
+        if exact:
+            chosen = [r[0] for r in store.execute(select(b.c.patient_id).where(b.c.key.in_(exact)).distinct())]
+        if fuzzy and len(chosen) < MAX_CANDIDATES:
+            more = store.execute(select(b.c.patient_id).where(b.c.key.in_(fuzzy)).distinct()
+                                 .limit(MAX_CANDIDATES)).all()
+            chosen += [r[0] for r in more if r[0] not in set(chosen)][: MAX_CANDIDATES - len(chosen)]
+        if not chosen:
+            return []
+        rows = store.execute(select(p.c.patient_id, p.c.record).where(p.c.patient_id.in_(chosen))).all()
         return [_record_from(pid, text) for pid, text in rows if not exclude or pid not in exclude]
 
     # ---- $match ------------------------------------------------------------------
