@@ -56,8 +56,10 @@ class RateLimiter:
                 raise FhirError(429, error(429, "throttled", "Quá nhiều yêu cầu", "Too many requests").issues,
                                 {"Retry-After": "60"})
             hits.append(now)
-            if len(self._hits) > 10_000:
-                self._hits.clear()
+            if len(self._hits) > 10_000:  # forget only addresses idle for a minute, never live counters
+                for key_, seen in list(self._hits.items()):
+                    if not seen or now - seen[-1] > 60:
+                        del self._hits[key_]
 
 
 def _oauth_error(code: str, description: str, status: int = 400) -> JSONResponse:

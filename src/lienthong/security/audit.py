@@ -240,9 +240,15 @@ class AuditTrail:
         self.flush()
         table, head, ap = schema.audit_log, schema.audit_head, schema.audit_patient
         prev, expected_seq, count = GENESIS, 1, 0
-        with read_connection(self.engine) as conn:
-            # The head first: records appended while we read lie beyond it and are checked next time.
+        with self.engine.connect() as conn:
+            # One snapshot for the head and the rows (and a transaction, which PostgreSQL needs to stream).
+            if not self.sqlite:
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            conn.begin()
             head_seq, head_hash = conn.execute(select(head.c.seq, head.c.hash).where(head.c.id == 1)).one()
+            beyond = conn.execute(select(table.c.seq).where(table.c.seq > head_seq).limit(1)).first()
+            if beyond is not None:  # in one snapshot nothing may lie past the head: a forged append
+                return False, 0, f"bản ghi #{beyond[0]} nằm ngoài chuỗi / record #{beyond[0]} lies outside the chain"
             linked: dict[int, list[str]] = {}
             for seq, pid in conn.execute(select(ap.c.seq, ap.c.patient_id).where(ap.c.seq <= head_seq)):
                 linked.setdefault(seq, []).append(pid)
