@@ -400,8 +400,8 @@ def measure(node: Any, queries: list[Any], truth_of: dict[str, str], profile: st
                 in_cand += 1
             if s.record.national_id and (want, s.record.national_id) in loaded_cccd:
                 cccd_queries += 1  # a stored record of this person carries the same CCCD: must be "certain"
-                grades = {truth_of.get(_rid(e)): e["search"]["extension"][0]["valueCode"] for e in entries}
-                cccd_certain += grades.get(want) == "certain"
+                cccd_certain += any(truth_of.get(_rid(e)) == want and e["search"]["extension"][0]["valueCode"]
+                                    == "certain" for e in entries)
         if profiler:
             profiler.disable()
             assert profile is not None

@@ -5,7 +5,11 @@ checks on every Patient write (422 with the reason and the identifier's FHIRPath
 a cancelled CCCD, $mpi-link (one golden record per person, refer/seealso links), the review
 queue ($mpi-review list/decide, CLI `lienthong mpi review`), $merge/$unmerge (exact restore,
 merged source out of $match), and the audit trail of every decision on a secure node.
-Tests marked xfail(strict=True) document real bugs (see their reasons).
+Regression tests for bugs this suite found at 2f1e81f (fixed in 7ef8c4e and aa2af4c): $match returned
+certainly-not candidates; a crowded blocking key could drop the same-CCCD record; $mpi-link linked a golden
+record to itself, needed no write permission and left no audit record when it queued a review; decided pairs
+were queued again; `mpi review list` cut the ids; `lienthong load` skipped the patient index and the
+identifier checks.
 """
 
 from __future__ import annotations
@@ -229,8 +233,8 @@ MIDDLE = ("Văn", "Đức", "Hữu", "Quang", "Minh", "Thị", "Ngọc", "Thanh"
 def test_same_cccd_is_found_even_in_a_crowded_block(sqlite_node: tuple[str, TestClient]) -> None:
     """520 Nguyễn of the same commune and decade (a 1M population has blocks of ~8,000 such records), then the
     person, then a query with her CCCD but a mistyped given name and day (so the only shared keys are the
-    CCCD and the crowded family+commune key). SQLite walks the crowded key in insertion order, so the loss
-    is deterministic; on PostgreSQL the 500 kept depend on hash order (see the benchmark)."""
+    CCCD and the crowded family+commune key). With one `DISTINCT ... LIMIT 500` over all keys, SQLite walked
+    the crowded key in insertion order and always lost her (PostgreSQL: hash order, ~20% lost at 400k)."""
     _, c = sqlite_node
     crowd = [patient("Nguyễn", f"{MIDDLE[k % len(MIDDLE)]} {GIVEN[k % len(GIVEN)]}",
                      f"198{k % 10}-0{1 + k % 9}-1{k % 10}", "male" if k % 2 else "female", city="Lục Ngạn")
@@ -559,6 +563,8 @@ def test_every_decision_is_audited(secure: tuple[TestClient, Any, str]) -> None:
     for e in (automatic, human, rejected, merged, unmerged):
         assert e["agent"][0]["who"]["identifier"]["value"] == actor
         assert e["outcome"] == "0" and e["action"] == "U"
+    ok, _, message = app.state.node.service.guard.audit.verify()
+    assert ok, message
 
 
 def test_queueing_a_possible_match_is_audited(secure: tuple[TestClient, Any, str]) -> None:
@@ -664,7 +670,7 @@ def test_cli_review_list_shows_whole_ids_in_80_columns(sqlite_node: tuple[str, T
 def test_cli_load_goes_through_the_patient_index(sqlite_node: tuple[str, TestClient], tmp_path: Path,
                                                   what: str) -> None:
     """`lienthong load` writes like HTTP does: Patients are indexed for $match and identifiers are checked.
-    (At HEAD 2f1e81f cli/loader.py used a bare FhirService, skipping both; fixed in the working tree.)"""
+    (At 2f1e81f cli/loader.py used a bare FhirService and skipped both; fixed in 7ef8c4e.)"""
     url, c = sqlite_node
     if what == "indexed":
         (tmp_path / "an.json").write_text(json.dumps(AN), encoding="utf-8")

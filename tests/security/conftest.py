@@ -204,15 +204,6 @@ def manual_audit(app: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 
-PG_VERIFY = ("BUG security/audit.py AuditTrail.verify() (commit 7ef8c4e): it streams audit_log with "
-             "execution_options(yield_per=2000) on read_connection(), an AUTOCOMMIT connection; PostgreSQL "
-             "server-side cursors need a transaction, so `lienthong audit verify` crashes on PostgreSQL with "
-             "'DECLARE CURSOR can only be used in transaction blocks'. Use engine.connect() + conn.begin() "
-             "(REPEATABLE READ also gives one snapshot), as ExportManager._scan() does")
-
-
-def xfail_verify_on_postgres(url: str, request: pytest.FixtureRequest) -> None:
-    return None  # fixed: verify() streams inside a REPEATABLE READ transaction on PostgreSQL
 
 
 # ---- database fixtures ----------------------------------------------------------------------

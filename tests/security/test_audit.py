@@ -38,7 +38,6 @@ from security.conftest import (
     make_app,
     manual_audit,
     wait_for_events,
-    xfail_verify_on_postgres,
 )
 
 JSON = dict[str, Any]
@@ -402,22 +401,16 @@ def tampered(trail_url: str) -> Iterator[tuple[str, Any]]:
 
 
 def test_verify_passes_on_an_intact_trail(trail_url: str, request: pytest.FixtureRequest) -> None:
-    xfail_verify_on_postgres(trail_url, request)
     result = _verify_cli(trail_url)
     assert result.exit_code == 0, result.output
     assert "intact" in result.output
 
 
-BEYOND_HEAD = ("BUG security/audit.py AuditTrail.verify(): it reads audit_head first and checks only rows with "
-               "seq <= head.seq, so a forged row appended beyond the head is never examined (and the node's next "
-               "audit insert then collides with it). Read head and rows in one snapshot (REPEATABLE READ / one "
-               "read transaction) and report any row beyond the head")
 
 
 @pytest.mark.parametrize("tamper", sorted(TAMPERS))
 def test_verify_fails_after_tampering(tampered: tuple[str, Any], tamper: str, request: pytest.FixtureRequest) -> None:
     url, engine = tampered
-    xfail_verify_on_postgres(url, request)
     with engine.begin() as conn:
         TAMPERS[tamper](conn)
     assert_detected(_verify_cli(url), tamper)
@@ -427,7 +420,6 @@ def test_verify_fails_after_tampering(tampered: tuple[str, Any], tamper: str, re
 def test_verify_fails_after_editing_the_query_columns(tampered: tuple[str, Any], tamper: str,
                                                       request: pytest.FixtureRequest) -> None:
     url, engine = tampered
-    xfail_verify_on_postgres(url, request)
     with engine.begin() as conn:
         QUERY_COLUMNS[tamper](conn)
     assert_detected(_verify_cli(url), tamper)
@@ -436,7 +428,6 @@ def test_verify_fails_after_editing_the_query_columns(tampered: tuple[str, Any],
 def test_verify_is_not_fooled_by_a_live_node_appending(trail_url: str, request: pytest.FixtureRequest) -> None:
     from sqlalchemy import event
 
-    xfail_verify_on_postgres(trail_url, request)
     from lienthong.security.audit import AuditRecord, AuditTrail
     from lienthong.storage.engine import make_engine
 

@@ -28,7 +28,6 @@ from security.conftest import (
     close_app,
     login,
     make_app,
-    xfail_verify_on_postgres,
 )
 
 LIENTHONG = Path(sys.executable).with_name("lienthong")
@@ -110,7 +109,6 @@ def test_users_add_list_disable_enable(db_url: str, monkeypatch: pytest.MonkeyPa
 
 
 def test_admin_changes_keep_the_trail_verifiable(db_url: str, request: pytest.FixtureRequest) -> None:
-    xfail_verify_on_postgres(db_url, request)
     for _ in range(2):
         assert cli("keys", "rotate", "--db", db_url).exit_code == 0
     assert cli("clients", "add", "HIS kiem tra", "--scope", "system/*.rs", "--json", "--db", db_url).exit_code == 0
