@@ -854,3 +854,12 @@ def test_unknown_parameters_lenient_and_strict(names: TestClient) -> None:
     assert_outcome(names.get("/fhir/Patient?birthdate=someday"), 400)
     assert_outcome(names.get("/fhir/Patient?family:missing=maybe"), 400)
     assert_outcome(names.get("/fhir/NotAType?name=x"), 404)
+
+
+def test_system_search_honours_type(client: TestClient) -> None:
+    client.post("/fhir/Patient", json={"resourceType": "Patient"})
+    client.post("/fhir/Organization", json={"resourceType": "Organization", "name": "Trạm Y tế"})
+    r = client.get("/fhir", params={"_type": "Patient"})
+    assert r.status_code == 200
+    assert {e["resource"]["resourceType"] for e in r.json()["entry"]} == {"Patient"}
+    assert client.get("/fhir", params={"_type": "NoSuchType"}).status_code == 404

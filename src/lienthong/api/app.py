@@ -173,7 +173,11 @@ class FhirApi:
             result = await run_in_threadpool(self.bundles.process, ctx, bundle)
             return self.respond(request, result, ctx)
         params = self.query(request)
-        result = await run_in_threadpool(self.service.search, ctx, None, params)
+        types = [t.strip() for name, value in params if name == "_type" for t in value.split(",") if t.strip()]
+        for rtype in types:
+            self.service.check_type(rtype)
+        params = [(name, value) for name, value in params if name != "_type"]
+        result = await run_in_threadpool(self.service.search, ctx, None, params, types or None)
         return self.respond(request, result, ctx)
 
     async def system_history(self, request: Request) -> Response:
