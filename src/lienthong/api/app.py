@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from lienthong.api.parameters import parameter_pairs, parameter_values, to_parameters
 from lienthong.exchange.service import ExchangeService
 from lienthong.fhir.datetimes import format_http_date
 from lienthong.fhir.outcome import FhirError, OutcomeIssue, error, operation_outcome
@@ -255,7 +256,7 @@ class FhirApi:
         elif sub == "$everything" and rtype == "Patient":
             params = self.query(request)
             if request.method == "POST":
-                params += _parameters_to_pairs(parse_json(await self.body(request)))
+                params += parameter_pairs(parse_json(await self.body(request)))
             result = await run_in_threadpool(svc.everything, ctx, rid, params)
         elif sub == "$validate":
             payload = parse_json(await self.body(request))
@@ -263,7 +264,7 @@ class FhirApi:
         elif sub == "$meta":
             result = await run_in_threadpool(svc.meta, ctx, rtype, rid)
         elif sub == "$break-glass" and rtype == "Patient" and request.method == "POST" and self.auth is not None:
-            pairs = dict(_parameters_to_pairs(parse_json(await self.body(request))))
+            pairs = dict(parameter_pairs(parse_json(await self.body(request))))
             self.service.check_id(rid)
             grant = await run_in_threadpool(self.auth.break_glass, ctx, rid, pairs.get("reason", ""))
             return self.json(request, 200, orjson.dumps({"resourceType": "Parameters", "parameter": [
@@ -271,7 +272,7 @@ class FhirApi:
         elif sub == "$mpi-link" and rtype == "Patient" and request.method == "POST" and self.identity is not None:
             self.service.check_id(rid)
             outcome = await run_in_threadpool(self.identity.resolve, ctx, rid)
-            return self.json(request, 200, orjson.dumps(_as_parameters(outcome)))
+            return self.json(request, 200, orjson.dumps(to_parameters(outcome)))
         elif sub == "$access-report" and rtype == "Patient" and self.auth is not None:
             return await self.audit_bundle(request, ctx, {"patient": rid})
         elif sub in ("$meta-add", "$meta-delete") and request.method == "POST":
@@ -316,15 +317,15 @@ class FhirApi:
         if op == "$mpi-review" and self.identity is not None:
             identity = self.identity
             if request.method == "POST":
-                pairs = dict(_parameters_to_pairs(parse_json(await self.body(request))))
+                pairs = dict(parameter_pairs(parse_json(await self.body(request))))
                 self.service.guard.authorize(ctx, "update", "Patient")
                 outcome = await run_in_threadpool(identity.decide, ctx, pairs.get("review", ""), pairs.get("decision", ""))
-                return self.json(request, 200, orjson.dumps(_as_parameters(outcome)))
+                return self.json(request, 200, orjson.dumps(to_parameters(outcome)))
             self.service.guard.authorize(ctx, "search", "Patient")
             status = request.query_params.get("status", "pending")
             items = await run_in_threadpool(identity.reviews, status)
             return self.json(request, 200, orjson.dumps({"resourceType": "Parameters", "parameter": [
-                {"name": "review", "part": _parts(item)} for item in items]}))
+                {"name": "review", "part": to_parameters(item)["parameter"]} for item in items]}))
         if op == "$audit" and self.auth is not None:
             q = dict(self.query(request))
             return await self.audit_bundle(request, ctx, {k: q[k] for k in ("patient", "actor", "since") if k in q})
@@ -347,7 +348,7 @@ class FhirApi:
         if op == "$match":
             bundle = await run_in_threadpool(self.identity.match, ctx, payload)
             return self.json(request, 200, orjson.dumps(bundle))
-        values = _parameter_values(payload)
+        values = parameter_values(payload)
         if op == "$merge":
             source = values.get("source-patient", "").removeprefix("Patient/")
             target = values.get("target-patient", "").removeprefix("Patient/")
@@ -356,7 +357,7 @@ class FhirApi:
             outcome = await run_in_threadpool(self.identity.merge, ctx, source, target)
         else:
             outcome = await run_in_threadpool(self.identity.unmerge, ctx, values.get("merge", ""))
-        return self.json(request, 200, orjson.dumps(_as_parameters(outcome)))
+        return self.json(request, 200, orjson.dumps(to_parameters(outcome)))
 
     async def audit_bundle(self, request: Request, ctx: Context, query: dict[str, str]) -> Response:
         """The audit trail as a Bundle of AuditEvent, for auditors only (who accessed this record, and when)."""
@@ -386,7 +387,7 @@ class FhirApi:
         if request.method == "POST":
             raw = await self.body(request)
             if raw:
-                params += _parameters_to_pairs(parse_json(raw))
+                params += parameter_pairs(parse_json(raw))
         job = await run_in_threadpool(self.exports.start, ctx, level, params)
         return Response(status_code=202, headers={"Content-Location": f"{ctx.base_url}/$export-poll-status?_jobId={job}"})
 
@@ -394,61 +395,6 @@ class FhirApi:
         ctx = await self.context(request)
         data = await run_in_threadpool(self.exports.file, ctx, request.path_params["job"], request.path_params["name"])
         return Response(data, media_type="application/fhir+ndjson")
-
-
-def _as_parameters(values: dict[str, Any]) -> dict[str, Any]:
-    return {"resourceType": "Parameters", "parameter": _parts(values)}
-
-
-def _parts(values: dict[str, Any]) -> list[dict[str, Any]]:
-    """Plain values to Parameters parts (lists repeat the name; nested data goes as a JSON string)."""
-    out: list[dict[str, Any]] = []
-    for name, value in values.items():
-        for item in value if isinstance(value, list) else [value]:
-            if item is None:
-                continue
-            if isinstance(item, bool):
-                out.append({"name": name, "valueBoolean": item})
-            elif isinstance(item, int):
-                out.append({"name": name, "valueInteger": item})
-            elif isinstance(item, float):
-                out.append({"name": name, "valueDecimal": item})
-            elif isinstance(item, str):
-                out.append({"name": name, "valueString": item})
-            else:
-                out.append({"name": name, "valueString": orjson.dumps(item).decode()})
-    return out
-
-
-def _parameter_values(payload: Any) -> dict[str, str]:
-    """Parameters of one string, code or Reference value each, by name (as used by $merge/$unmerge)."""
-    if not isinstance(payload, dict) or payload.get("resourceType") != "Parameters":
-        raise error(400, "invalid", "Cần tài nguyên Parameters", "Expected a Parameters resource")
-    out: dict[str, str] = {}
-    for p in payload.get("parameter", []):
-        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
-            raise error(400, "invalid", "Tham số không hợp lệ", "Invalid parameter entry")
-        ref = p.get("valueReference")
-        value = ref.get("reference") if isinstance(ref, dict) else p.get("valueString", p.get("valueCode"))
-        if isinstance(value, str):
-            out[p["name"]] = value
-    return out
-
-
-def _parameters_to_pairs(payload: Any) -> list[tuple[str, str]]:
-    """Flatten a Parameters resource of primitive values into query pairs."""
-    if not isinstance(payload, dict) or payload.get("resourceType") != "Parameters":
-        raise error(400, "invalid", "Cần tài nguyên Parameters", "Expected a Parameters resource")
-    pairs = []
-    for p in payload.get("parameter", []):
-        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
-            raise error(400, "invalid", "Tham số không hợp lệ", "Invalid parameter entry")
-        values = [v for k, v in p.items() if k.startswith("value")]
-        if len(values) != 1 or isinstance(values[0], dict | list):
-            raise error(400, "invalid", f"Tham số '{p['name']}' cần một giá trị đơn",
-                        f"Parameter '{p['name']}' needs one primitive value")
-        pairs.append((p["name"], str(values[0]).lower() if isinstance(values[0], bool) else str(values[0])))
-    return pairs
 
 
 def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lienthong.api.parameters import parameter_values, to_parameters
 from lienthong.exchange import transfer as tr
 from lienthong.exchange.registry import Facility
 from lienthong.exchange.service import ExchangeService
@@ -45,7 +46,7 @@ class ExchangeApi:
     async def transfer(self, request: Request) -> Response:
         ctx = await self.api.context(request)
         patient_id = request.path_params["rid"]
-        values = _values(parse_json(await self.api.body(request)))
+        values = parameter_values(parse_json(await self.api.body(request)))
         slip = tr.TransferSlip(
             destination=values.get("destination", ""), reason=values.get("reason", ""),
             main_diagnosis=values.get("mainDiagnosis", ""), doctor_licence=values.get("doctorLicence", ""),
@@ -57,12 +58,12 @@ class ExchangeApi:
             escort_title=values.get("escortTitle", ""), patient_request=values.get("patientRequest") == "true",
             chronic=values.get("chronic") == "true")
         result = await run_in_threadpool(self.exchange.start_transfer, ctx, patient_id, slip)
-        response: Response = self.api.json(request, 200, orjson.dumps(_parameters(result)))
+        response: Response = self.api.json(request, 200, orjson.dumps(to_parameters({k: str(v) for k, v in result.items()})))
         return response
 
     async def transfer_step(self, request: Request) -> Response:
         ctx = await self.api.context(request)
-        values = _values(parse_json(await self.api.body(request)))
+        values = parameter_values(parse_json(await self.api.body(request)))
         outcome = None
         if values.get("outcome"):
             outcome = {"resourceType": "DocumentReference", "status": "current",
@@ -73,7 +74,7 @@ class ExchangeApi:
                                                    "title": "Tóm tắt ra viện / Discharge summary"}}]}
         result = await run_in_threadpool(self.exchange.update_transfer, ctx, values.get("package", ""),
                                          values.get("step", ""), values.get("reason"), outcome)
-        response: Response = self.api.json(request, 200, orjson.dumps(_parameters(result)))
+        response: Response = self.api.json(request, 200, orjson.dumps(to_parameters({k: str(v) for k, v in result.items()})))
         return response
 
     # ---- hub: registry and locator ---------------------------------------------------------
@@ -139,22 +140,3 @@ class ExchangeApi:
                 Route("/hub/locate", self.locate, methods=["GET"]),
             ]
         return out
-
-
-def _values(payload: Any) -> dict[str, str]:
-    if not isinstance(payload, dict) or payload.get("resourceType") != "Parameters":
-        raise error(400, "invalid", "Cần tài nguyên Parameters", "Expected a Parameters resource")
-    out: dict[str, str] = {}
-    for p in payload.get("parameter", []):
-        if isinstance(p, dict) and isinstance(p.get("name"), str):
-            value = next((v for k, v in p.items() if k.startswith("value")), None)
-            if isinstance(value, bool):
-                out[p["name"]] = "true" if value else "false"
-            elif isinstance(value, str | int):
-                out[p["name"]] = str(value)
-    return out
-
-
-def _parameters(values: dict[str, Any]) -> dict[str, Any]:
-    return {"resourceType": "Parameters",
-            "parameter": [{"name": k, "valueString": str(v)} for k, v in values.items() if v is not None]}
