@@ -21,7 +21,7 @@ Run: `python bench/mpi/match_latency.py [--patients N] [--db postgresql|sqlite] 
    person is among the retrieved candidates at all.
 
 Prints a markdown table on stdout (progress on stderr) and merges the run into
-bench/results/mpi_match.json under the key "<db>-<N>".
+bench/results/mpi_match.json under the key "<db>-<N>" ("<db>-<N>-hook-index" with `--index hook`).
 """
 
 from __future__ import annotations
@@ -378,6 +378,17 @@ def measure(node: Any, queries: list[Any], truth_of: dict[str, str], profile: st
     top_ok = in_cand = certain_ok = cccd_queries = cccd_certain = 0
     profiler = cProfile.Profile() if profile else None
     gc.collect()
+    pauses: list[float] = []  # garbage-collector pauses inside the measured loop (ms, generation 2 only)
+    started_gc: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") == 2:
+            if phase == "start":
+                started_gc[:] = [time.perf_counter()]
+            elif started_gc:
+                pauses.append((time.perf_counter() - started_gc[0]) * 1000)
+
+    gc.callbacks.append(on_gc)
     with Probe(node.identity) as probe:
         if profiler:
             profiler.enable()
@@ -406,7 +417,9 @@ def measure(node: Any, queries: list[Any], truth_of: dict[str, str], profile: st
             profiler.disable()
             assert profile is not None
             profiler.dump_stats(profile)
+    gc.callbacks.remove(on_gc)
     q = len(queries)
+    slowest = sorted(range(q), key=lambda k: -lat[k])[:5]
     return {
         "queries": q,
         "latency_ms": summary(lat),
@@ -423,6 +436,10 @@ def measure(node: Any, queries: list[Any], truth_of: dict[str, str], profile: st
         "same_cccd_queries": cccd_queries,
         "same_cccd_found_certain": round(cccd_certain / cccd_queries, 4) if cccd_queries else None,
         "throughput_qps_1_thread": round(q / (sum(lat) / 1000), 1),
+        "gc_gen2_pauses": {"count": len(pauses), "total_ms": round(sum(pauses), 1),
+                           "max_ms": round(max(pauses, default=0.0), 1)},
+        "slowest": [{"ms": round(lat[k], 1), "candidates": n_cand[k], "candidate_sql_ms": round(cand_ms[k], 1),
+                     "score_ms": round(score_ms[k], 1)} for k in slowest],
     }
 
 
@@ -613,6 +630,9 @@ def report(r: dict[str, Any]) -> None:
           f"{ip['true_person_in_candidates']:.1%}; top-1 certain (same CCCD) {ip['top1_certain']:.1%}; "
           f"queries whose person has a stored record with the same CCCD: {ip['same_cccd_queries']}, of which "
           f"graded certain: {ip['same_cccd_found_certain'] or 0:.1%}. Source: {r['source']}.")
+    g = ip["gc_gen2_pauses"]
+    print(f"Full (generation 2) garbage collections during the pass: {g['count']}, {g['total_ms']} ms in all, "
+          f"longest {g['max_ms']} ms. Slowest queries: {ip['slowest']}.")
     print(f"Target p95 ≤ {TARGET_P95_MS:.0f} ms: {verdict} ({ip['latency_ms']['p95']} ms). Load average "
           f"(1/5/15 min) before/after the in-process pass: {r['loadavg_during_measure']} on {r['machine']['cpus']} CPUs.")
 
@@ -623,7 +643,8 @@ def save(r: dict[str, Any]) -> None:
     if RESULTS.exists():
         with contextlib.suppress(ValueError):
             data = json.loads(RESULTS.read_text(encoding="utf-8"))
-    data.setdefault("runs", {})[f"{r['db']}-{r['patients']}"] = r
+    suffix = "" if r["index"] == "batched" else f"-{r['index']}-index"
+    data.setdefault("runs", {})[f"{r['db']}-{r['patients']}{suffix}"] = r
     data["target_p95_ms"] = TARGET_P95_MS
     RESULTS.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     log(f"wrote {RESULTS}")
