@@ -84,7 +84,9 @@ def install_signal_handlers() -> None:
 
 
 class Backend:
-    """A place to make fresh, empty databases: a private PG cluster or a temp dir of SQLite files."""
+    """A place to make fresh, empty databases: a private PG cluster or a temp dir of SQLite files.
+
+    Abstract: PgBackend and SqliteBackend implement both methods."""
 
     name: str
 
