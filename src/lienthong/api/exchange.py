@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from lienthong.api.parameters import parameter_values, to_parameters
 from lienthong.exchange import transfer as tr
+from lienthong.exchange.query import answers_bundle
 from lienthong.exchange.registry import Facility
 from lienthong.exchange.service import ExchangeService
 from lienthong.fhir.outcome import error
@@ -77,6 +78,17 @@ class ExchangeApi:
         response: Response = self.api.json(request, 200, orjson.dumps(to_parameters({k: str(v) for k, v in result.items()})))
         return response
 
+    async def remote_everything(self, request: Request) -> Response:
+        """Patient/$remote-everything: this patient's records at other facilities, through the hub."""
+        ctx = await self.api.context(request)
+        facilities = [c.strip() for v in request.query_params.getlist("facility") for c in v.split(",") if c.strip()]
+        purpose = request.query_params.get("purpose", "TREAT")
+        answers = await run_in_threadpool(self.exchange.queries.fetch, ctx, request.path_params["rid"], facilities,
+                                          purpose)
+        status, bundle = answers_bundle(answers)
+        response: Response = self.api.json(request, status, orjson.dumps(bundle))
+        return response
+
     # ---- hub: registry and locator ---------------------------------------------------------
     async def facilities(self, request: Request) -> Response:
         ctx = await self.api.context(request)
@@ -133,6 +145,8 @@ class ExchangeApi:
             Route("/fhir/Patient/{rid}/$transfer", self.transfer, methods=["POST"]),
             Route("/fhir/Task/$transfer-step", self.transfer_step, methods=["POST"]),
         ]
+        if self.exchange.config.role != "hub":
+            out.append(Route("/fhir/Patient/{rid}/$remote-everything", self.remote_everything, methods=["GET"]))
         if self.exchange.config.role == "hub":
             out += [
                 Route("/hub/facilities", self.facilities, methods=["GET", "POST"]),

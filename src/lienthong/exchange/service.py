@@ -37,6 +37,7 @@ from lienthong.exchange.delivery import (
     RejectMessage,
     decompress,
 )
+from lienthong.exchange.query import RecordQueries
 from lienthong.exchange.registry import Registry
 from lienthong.exchange.transport import HttpTransport, Receiver, package_validator
 from lienthong.exchange.trust import (
@@ -122,16 +123,24 @@ class RoutingTransport:
         self.trust = trust
         self._transports: dict[str, HttpTransport] = {}
 
+    def for_destination(self, code: str) -> HttpTransport | None:
+        """The client for a registered facility's endpoint (clearance is the caller's check)."""
+        facility = self.registry.get(code)
+        if facility is None or not facility.endpoint:
+            return None
+        transport = self._transports.get(code)
+        if transport is None or transport.base_url != facility.endpoint.rstrip("/"):
+            transport = HttpTransport(facility.endpoint, self.keys, self.trust, peer_code=code)
+            self._transports[code] = transport
+        return transport
+
     def send(self, message: OutboundMessage) -> Ack:
         facility = self.registry.get(message.dest)
-        if facility is None or not facility.endpoint:
-            raise DeliveryError(f"no endpoint for facility {message.dest}")
-        if facility.clearance != "cleared":
+        if facility is not None and facility.clearance != "cleared":
             return Ack(False, False, f"destination {message.dest} clearance {facility.clearance}")
-        transport = self._transports.get(message.dest)
-        if transport is None or transport.base_url != facility.endpoint.rstrip("/"):
-            transport = HttpTransport(facility.endpoint, self.keys, self.trust, peer_code=message.dest)
-            self._transports[message.dest] = transport
+        transport = self.for_destination(message.dest)
+        if transport is None:
+            raise DeliveryError(f"no endpoint for facility {message.dest}")
         return transport.send(message)
 
 
@@ -149,14 +158,18 @@ class ExchangeService:
         self.bundles = BundleProcessor(self.service)
         hub = config.role == "hub"
         self.inbox = Inbox(validator=None if hub else self._audited(package_validator(trust)))
+        self.queries = RecordQueries(self)
         self.receiver = Receiver(self.engine, identity, trust, SqlNonceStore(self.engine), inbox=self.inbox,
-                                 relay=self.outbox if hub else None, authorize=self._authorize if hub else None)
-        transport: Any
+                                 relay=self.outbox if hub else None, authorize=self._authorize if hub else None,
+                                 queries=self.queries.relay if hub else self.queries.answer)
+        self.routes: RoutingTransport | None = None  # the hub's clients, one per facility
+        self.hub_link: HttpTransport | None = None  # a node's client to the hub
+        transport: RoutingTransport | HttpTransport
         if hub:
-            transport = RoutingTransport(self.registry, identity, trust)
+            transport = self.routes = RoutingTransport(self.registry, identity, trust)
         else:
             assert config.hub_url, "a node needs hub_url"
-            transport = HttpTransport(config.hub_url, identity, trust, peer_code=config.hub_code)
+            transport = self.hub_link = HttpTransport(config.hub_url, identity, trust, peer_code=config.hub_code)
         self.dispatcher = Dispatcher(self.engine, transport, poll_interval=config.poll_seconds)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -254,8 +267,7 @@ class ExchangeService:
             patient = store.current("Patient", patient_id)
             if patient is None or patient.deleted or not guard.visible(ctx, store, [patient]):
                 raise error(404, "not-found", f"Không tìm thấy Patient/{patient_id}", f"Patient/{patient_id} not found")
-            keys = self.service._compartment_keys(store, patient, None, None)
-            record = [s.resource() for s in store.fetch(keys) if s.body and s.rid != patient_id]
+            record = [s.resource() for s in self.record_of(store, patient)]
             sender = self._organization(store)
             doctor = self._doctor(store, slip.doctor_licence)
             package = tr.build_package(patient.resource(), record, slip, sender, doctor, package_id)
@@ -275,6 +287,23 @@ class ExchangeService:
                            [task_stored, sent_doc])
         return {"package": package_id, "task": task_stored.rid, "message": msg_id}
 
+    def record_of(self, store: Store, patient: Stored) -> list[Stored]:
+        """Everything in the patient's compartment (what a transfer carries and a record query returns)."""
+        keys = self.service._compartment_keys(store, patient, None, None)
+        return [s for s in store.fetch(keys) if s.body and not (s.rtype == "Patient" and s.rid == patient.rid)]
+
+    def find_patients(self, store: Store, system: str, value: str) -> list[Stored]:
+        """Live local Patients carrying this identifier."""
+        return [s for s in self._search(store, "Patient", [("identifier", f"{system}|{value}")], 5)
+                if not s.deleted]
+
+    def _search(self, store: Store, rtype: str, params: list[tuple[str, str]], limit: int) -> list[Stored]:
+        from lienthong.storage.search_sql import build_select
+
+        query, _ = self.service.parser.parse(rtype, params)
+        rows = store.execute(build_select(query).limit(limit)).all()
+        return store.fetch([(r[0], r[1]) for r in rows])
+
     def _organization(self, store: Store) -> JSON:
         """This facility's Organization (created once), identified by its facility code."""
         found = self._by_identifier(store, "Organization", tr.FACILITY_SYSTEM, self.config.code)
@@ -289,19 +318,11 @@ class ExchangeService:
         return self._by_identifier(store, "Practitioner", tr.LICENCE_SYSTEM, licence)
 
     def _by_identifier(self, store: Store, rtype: str, system: str, value: str) -> JSON | None:
-        query, _ = self.service.parser.parse(rtype, [("identifier", f"{system}|{value}")])
-        from lienthong.storage.search_sql import build_select
-
-        rows = store.execute(build_select(query).limit(1)).all()
-        found = store.fetch([(r[0], r[1]) for r in rows])
+        found = self._search(store, rtype, [("identifier", f"{system}|{value}")], 1)
         return found[0].resource() if found else None
 
     def _task(self, store: Store, package_id: str) -> Stored | None:
-        query, _ = self.service.parser.parse("Task", [("identifier", f"{tr.PACKAGE_SYSTEM}|{package_id}")])
-        from lienthong.storage.search_sql import build_select
-
-        rows = store.execute(build_select(query).limit(1)).all()
-        found = store.fetch([(r[0], r[1]) for r in rows])
+        found = self._search(store, "Task", [("identifier", f"{tr.PACKAGE_SYSTEM}|{package_id}")], 1)
         return found[0] if found else None
 
     def update_transfer(self, ctx: Context, package_id: str, step: str, reason: str | None = None,
@@ -523,17 +544,20 @@ class ExchangeService:
                         if e.get("resource", {}).get("resourceType") == "Patient"), None)
         if patient is None:
             return
-        now = str(now_us())
         for ident in patient.get("identifier", []):
             system, value = ident.get("system"), ident.get("value")
-            if not system or not value or "/ma-bn/" in system:
-                continue
-            for facility in (envelope.sender, envelope.to):
-                conn.execute(delete(record_location).where(record_location.c.system == system,
-                                                           record_location.c.value == value,
-                                                           record_location.c.facility == facility))
-                conn.execute(insert(record_location).values(system=system, value=value, facility=facility,
-                                                            updated=now))
+            if system and value and "/ma-bn/" not in system:
+                self.note_location(conn, system, value, (envelope.sender, envelope.to))
+
+    @staticmethod
+    def note_location(conn: Connection, system: str, value: str, facilities: tuple[str, ...]) -> None:
+        """Remember that these facilities hold records for the patient with this identifier."""
+        now = str(now_us())
+        for facility in facilities:
+            conn.execute(delete(record_location).where(record_location.c.system == system,
+                                                       record_location.c.value == value,
+                                                       record_location.c.facility == facility))
+            conn.execute(insert(record_location).values(system=system, value=value, facility=facility, updated=now))
 
     def locate(self, system: str, value: str) -> list[str]:
         with read_connection(self.engine) as conn:

@@ -76,7 +76,7 @@ DEFAULT_TIMEOUT = httpx.Timeout(connect=15.0, read=60.0, write=60.0, pool=15.0)
 OCTETS = "application/octet-stream"
 JSON_TYPE = "application/json"
 
-_ROUTE = re.compile(r"/(messages|uploads)/([A-Za-z0-9-]{8,40})$")
+_ROUTE = re.compile(r"/(messages|uploads|queries)/([A-Za-z0-9-]{8,40})$")
 _NONCE_OK = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
@@ -114,11 +114,13 @@ class HttpTransport:
     def close(self) -> None:
         self.client.close()
 
-    def _call(self, method: str, path: str, query: Mapping[str, str | int] | None, body: bytes,
-              content_type: str = OCTETS) -> tuple[int, dict[str, Any]]:
+    def request(self, method: str, path: str, query: Mapping[str, str | int] | None, body: bytes,
+                content_type: str = OCTETS, timeout: float | None = None) -> tuple[int, bytes]:
+        """One signed request; the answer counts only if `peer_code` signed it for our nonce."""
         url = self.base_url + path + ("?" + urlencode(query) if query else "")
         request = self.client.build_request(method, url, content=body,
-                                            headers={"Content-Type": content_type} if body else {})
+                                            headers={"Content-Type": content_type} if body else {},
+                                            timeout=self.client.timeout if timeout is None else timeout)
         target = request.url.raw_path.decode("ascii")  # exactly the path and query that go on the wire
         nonce = new_nonce()
         request.headers.update(sign_request(method, target, body, self.identity, _utc(self.clock), nonce,
@@ -134,13 +136,18 @@ class HttpTransport:
         except TrustError as exc:
             raise DeliveryError(f"{method} {path}: HTTP {response.status_code}, unauthenticated answer: "
                                 f"{exc.reason}") from None
+        return response.status_code, content
+
+    def _call(self, method: str, path: str, query: Mapping[str, str | int] | None, body: bytes,
+              content_type: str = OCTETS) -> tuple[int, dict[str, Any]]:
+        status, content = self.request(method, path, query, body, content_type)
         try:
             data = orjson.loads(content) if content else {}
         except orjson.JSONDecodeError:
-            raise DeliveryError(f"{method} {path}: HTTP {response.status_code}, answer is not JSON") from None
+            raise DeliveryError(f"{method} {path}: HTTP {status}, answer is not JSON") from None
         if not isinstance(data, dict):
             raise DeliveryError(f"{method} {path}: answer is not an object")
-        return response.status_code, data
+        return status, data
 
     @staticmethod
     def _ack(data: Any, message: OutboundMessage) -> Ack:
@@ -203,6 +210,8 @@ class Reply:
 
 
 Authorize = Callable[[str, str], str | None]  # (source, dest) -> reason to refuse, or None
+# (source, query id, body) -> (status, body, content type): a synchronous query (see exchange.query)
+QueryHandler = Callable[[str, str, bytes], tuple[int, bytes, str]]
 
 
 class Receiver:
@@ -217,7 +226,8 @@ class Receiver:
 
     def __init__(self, engine: Engine, identity: NodeIdentity, trust: TrustStore, nonce_store: NonceStore, *,
                  inbox: Inbox | None = None, uploads: UploadStore | None = None, relay: Outbox | None = None,
-                 authorize: Authorize | None = None, clock: Clock = time.time,
+                 authorize: Authorize | None = None, queries: QueryHandler | None = None,
+                 clock: Clock = time.time,
                  allowed_roles: Collection[Role] = (Role.FACILITY, Role.HUB),
                  max_message: int = 8 * 1024 * 1024, max_chunk: int = 4 * 1024 * 1024) -> None:
         self.engine = engine
@@ -228,6 +238,7 @@ class Receiver:
         self.uploads = uploads or UploadStore(clock, MAX_PAYLOAD)
         self.relay = relay
         self.authorize = authorize
+        self.queries = queries
         self.clock = clock
         self.allowed_roles = allowed_roles
         self.max_message = max_message
@@ -237,9 +248,10 @@ class Receiver:
     def code(self) -> str:
         return self.identity.facility_code
 
-    def _reply(self, status: int, data: Mapping[str, Any], request_nonce: str | None) -> Reply:
-        body = orjson.dumps(data)
-        headers = {"Content-Type": JSON_TYPE}
+    def _reply(self, status: int, data: Mapping[str, Any] | bytes, request_nonce: str | None,
+               content_type: str = JSON_TYPE) -> Reply:
+        body = data if isinstance(data, bytes) else orjson.dumps(data)
+        headers = {"Content-Type": content_type}
         if request_nonce and _NONCE_OK.match(request_nonce):
             headers.update(sign_response(status, body, self.identity, _utc(self.clock), request_nonce))
         return Reply(status, body, headers)
@@ -268,6 +280,9 @@ class Receiver:
                 return self._upload_status(source, msg_id, nonce)
             if kind == "uploads" and method == "PATCH":
                 return self._append(source, msg_id, params, body, nonce)
+            if kind == "queries" and method == "POST" and self.queries is not None:
+                status, answer, content_type = self.queries(source, msg_id, body)
+                return self._reply(status, answer, nonce, content_type)
         except (UploadError, ValueError) as exc:
             return self._reply(400, {"error": str(exc)}, nonce)
         except TrustError as exc:  # our own trust state is unusable (e.g. CRL out of date): try again later

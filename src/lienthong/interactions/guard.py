@@ -20,6 +20,25 @@ from lienthong.storage.repository import Store, Stored
 READ, SEARCH, CREATE, UPDATE, DELETE = "read", "search", "create", "update", "delete"
 
 
+@dataclass(frozen=True)
+class RemoteAccess:
+    """A query between facilities, as the IHE BALP PatientQuery pattern records it on each side.
+
+    `side` is where this record is written: the requesting facility ("client"),
+    the hub that relayed it ("relay") or the facility that answered ("server").
+    The same `request_id` on all three lets an auditor join the records.
+    """
+
+    side: str
+    client: str  # requesting facility code (BALP Source Role ID)
+    server: str  # answering facility code (BALP Destination Role ID)
+    request_id: str
+    user: str  # the person who asked, at the requesting facility
+    user_roles: tuple[str, ...] = ()
+    purpose: str = "TREAT"  # v3-ActReason purpose of use
+    patient_identifier: tuple[str, str] | None = None  # (system, value): ids differ between facilities
+
+
 @dataclass
 class AuditFacts:
     """What an audit record needs to know about one interaction."""
@@ -31,6 +50,7 @@ class AuditFacts:
     query: str | None = None
     detail: str | None = None
     bodies: list[bytes] = field(default_factory=list)  # what was returned, so the audit names its patients
+    remote: RemoteAccess | None = None  # set for queries between facilities (BALP)
 
 
 class Guard(Protocol):

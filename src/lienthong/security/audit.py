@@ -22,6 +22,7 @@ import orjson
 from sqlalchemy import Connection, Engine, insert, select, update
 
 from lienthong.fhir.datetimes import format_instant, now_us
+from lienthong.interactions.guard import RemoteAccess
 from lienthong.storage import schema
 from lienthong.storage.engine import read_connection
 
@@ -33,7 +34,7 @@ FLUSH_SECONDS = 0.05
 _ACTION_CODE = {"create": "C", "read": "R", "vread": "R", "search": "E", "history": "R", "update": "U",
                 "patch": "U", "delete": "D", "operation": "E", "export": "E", "transaction": "E", "batch": "E",
                 "login": "E", "logout": "E", "login-failed": "E", "token": "E", "break-glass": "E",
-                "admin": "U", "refused": "E"}
+                "admin": "U", "refused": "E", "query": "E"}
 _REST = {"create", "read", "vread", "search", "history", "update", "patch", "delete", "operation", "transaction",
          "batch", "export"}
 
@@ -56,9 +57,14 @@ class AuditRecord:
     detail: str | None = None
     recorded: int = 0
     break_glass: bool = False
+    remote: RemoteAccess | None = None
 
     def to_fhir(self) -> dict[str, Any]:
-        if self.action in _REST:
+        if self.remote is not None:
+            event_type = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
+                          "display": "RESTful Operation"}
+            subtype = [{"system": "http://hl7.org/fhir/restful-interaction", "code": "search"}]
+        elif self.action in _REST:
             event_type = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
                           "display": "RESTful Operation"}
             subtype = [{"system": "http://hl7.org/fhir/restful-interaction", "code": self.action}]
@@ -118,9 +124,53 @@ class AuditRecord:
         }
         if self.detail:
             event["outcomeDesc"] = self.detail[:1000]
+        if self.remote is not None:
+            _balp_query(event, agent, entities, self.remote)
         if entities:
             event["entity"] = entities
         return event
+
+
+_DCM = "http://dicom.nema.org/resources/ontology/DCM"
+_FACILITY = "urn:lienthong:facility"
+BALP_PATIENT_QUERY = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PatientQuery"
+
+
+def _balp_query(event: dict[str, Any], actor: dict[str, Any], entities: list[dict[str, Any]],
+                remote: RemoteAccess) -> None:
+    """Shape a query between facilities as IHE BALP PatientQuery: client, server and user agents,
+    the patient by identifier (local ids differ between facilities), the query, and the request id
+    that joins the records written by the requester, the hub and the answering facility."""
+    event["meta"] = {"profile": [BALP_PATIENT_QUERY]}
+    event["purposeOfEvent"] = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                                            "code": remote.purpose}]}]
+
+    def facility_agent(code: str, dcm: str, display: str) -> dict[str, Any]:
+        return {"type": {"coding": [{"system": _DCM, "code": dcm, "display": display}]},
+                "who": {"identifier": {"system": _FACILITY, "value": code}}, "requestor": False}
+
+    agents = [facility_agent(remote.client, "110153", "Source Role ID"),
+              facility_agent(remote.server, "110152", "Destination Role ID")]
+    if remote.side == "client":  # the local actor is the person who asked
+        agents.append(actor)
+    else:  # the person is remote; the local actor is the exchange or hub acting for the peer
+        user = {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                     "code": "IRCP", "display": "information recipient"}]},
+                "who": {"identifier": {"system": f"{_FACILITY}:{remote.client}:user", "value": remote.user}},
+                "requestor": True, "location": {"identifier": {"system": _FACILITY, "value": remote.client}}}
+        if remote.user_roles:
+            user["role"] = [{"coding": [{"system": "urn:lienthong:role", "code": r}]} for r in remote.user_roles]
+        actor["requestor"] = False
+        agents += [user, actor]
+    event["agent"] = agents
+    if remote.patient_identifier is not None:
+        system, value = remote.patient_identifier
+        entities.append({"what": {"identifier": {"system": system, "value": value}},
+                         "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"},
+                         "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}})
+    entities.append({"what": {"identifier": {"value": remote.request_id}},
+                     "type": {"system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
+                              "code": "XrequestId"}})
 
 
 def _chain(prev: str, seq: int, body: bytes, columns: tuple[Any, ...] = ()) -> str:

@@ -269,7 +269,7 @@ class AccessGuard:
             actor_kind=p.kind if p else "anonymous", roles=p.roles if p else (), facility=p.facility if p else None,
             address=ctx.address, node=ctx.extra.get("node", "lienthong"), resources=facts.resources,
             patients=sorted(patients), query=facts.query, detail=facts.detail,
-            break_glass=bool(p and p.break_glass and patients & p.break_glass))
+            break_glass=bool(p and p.break_glass and patients & p.break_glass), remote=facts.remote)
 
     # ---- break the glass -------------------------------------------------------
     def break_glass_grants(self, user_id: str, store_engine: Any) -> frozenset[str]:
