@@ -483,6 +483,23 @@ def test_merge_then_unmerge_restores_both_patients_exactly(client: TestClient) -
     outcome(unmerge(client, "no-such-merge"), 404)
 
 
+def test_unmerge_keeps_edits_made_after_the_merge(client: TestClient) -> None:
+    target = create(client, AN)
+    source = create(client, AN_PLAIN)
+    [merge_id] = parameters(merge(client, source, target).json())["merge"]
+    edited = read(client, target)
+    edited["telecom"] = [{"system": "phone", "value": "0987654321", "use": "mobile"}]
+    r = client.put(f"/fhir/Patient/{target}", json=edited)
+    assert r.status_code == 200, r.text
+
+    assert unmerge(client, merge_id).status_code == 200
+    now_target, now_source = read(client, target), read(client, source)
+    assert now_target["telecom"] == edited["telecom"], "an edit made after the merge survives the unmerge"
+    assert ("replaces", f"Patient/{source}") not in links(now_target)
+    assert ("replaced-by", f"Patient/{target}") not in links(now_source)
+    assert now_source.get("active") is not False
+
+
 # ---------------------------------------------------------------------------------------
 # Audit trail on a secure node
 # ---------------------------------------------------------------------------------------

@@ -412,13 +412,15 @@ class ExchangeService:
         self._send(store.conn, Envelope("status", self.config.code, envelope.sender, envelope.package,
                                         envelope.patient, {"step": "rejected", "reason": reason}))
 
-    def _import_transfer(self, store: Store, ctx: Context, envelope: Envelope, patient_id: str | None = None) -> None:
+    def _import_transfer(self, store: Store, ctx: Context, envelope: Envelope, patient_id: str | None = None, *,
+                         decided: bool = False) -> None:
+        """Import under local ids; `decided`: a person chose the patient (None: a new one), so do not match."""
         document = envelope.body
         entries = document.get("entry", [])
         patient_entry = next((e for e in entries if e.get("resource", {}).get("resourceType") == "Patient"), None)
         if patient_entry is None:
             raise RejectMessage("no-patient")
-        if patient_id is None:
+        if patient_id is None and not decided:
             identity = self.node.identity
             record = to_person(patient_entry["resource"], "incoming")
             results = identity.model.score(record, identity.candidates(store, record))
@@ -516,18 +518,19 @@ class ExchangeService:
         if updated is not live.resource():
             store.write(live, updated, "PUT")
 
-    def _review_decided(self, review_id: str, decision: str, left: str, right: str, ctx: Context) -> None:
-        """A person decided who the patient of a parked package is: import it now."""
-        with self.db.begin() as store:
-            row = store.execute(select(parked_package.c.package_id, parked_package.c.envelope)
-                                .where(parked_package.c.review_id == review_id)).first()
-            if row is None:
-                return
-            envelope = Envelope.parse(row[1].encode())
-            # One side of the pair is the incoming package's placeholder, the other the local candidate.
-            existing = (right if left.startswith("incoming:") else left) if decision == "match" else None
-            self._import_transfer(store, self.system_context(envelope.sender), envelope, existing)
-            store.conn.execute(delete(parked_package).where(parked_package.c.package_id == row[0]))
+    def _review_decided(self, store: Store, review_id: str, decision: str, left: str, right: str,
+                        ctx: Context) -> None:
+        """A person decided who the patient of a parked package is: import it now, in the decision's
+        transaction, so a decision never leaves its package stranded."""
+        row = store.execute(select(parked_package.c.package_id, parked_package.c.envelope)
+                            .where(parked_package.c.review_id == review_id)).first()
+        if row is None:
+            return
+        envelope = Envelope.parse(row[1].encode())
+        # One side of the pair is the incoming package's placeholder, the other the local candidate.
+        existing = (right if left.startswith("incoming:") else left) if decision == "match" else None
+        self._import_transfer(store, self.system_context(envelope.sender), envelope, existing, decided=True)
+        store.conn.execute(delete(parked_package).where(parked_package.c.package_id == row[0]))
 
     # ---- hub: record locator ----------------------------------------------------------
     def _hub_observe(self, conn: Connection, entry: InboxEntry) -> None:

@@ -68,8 +68,8 @@ class IdentityService:
         self.model = model or default_model()
         service.validators.append(check_identifiers)
         self.db.write_hooks.append(self._index_patient)
-        # Called after a review decision commits: (review id, decision, left id, right id, context).
-        self.on_decided: list[Callable[[str, str, str, str, Context], None]] = []
+        # Called inside the decision's transaction: (store, review id, decision, left id, right id, context).
+        self.on_decided: list[Callable[[Store, str, str, str, str, Context], None]] = []
 
     # ---- the index -------------------------------------------------------------
     def _index_patient(self, store: Store, rtype: str, rid: str, resource: JSON | None) -> None:
@@ -269,11 +269,12 @@ class IdentityService:
             store.conn.execute(update(rv).where(rv.c.review_id == review_id).values(
                 status=decision, decided_by=ctx.actor or "operator", decided_at=store.now))
             if golden is None:
+                what = f"{decision} (incoming package)" if incoming else decision
                 self.service.guard.on_write(ctx, store, AuditFacts(
-                    "update", resources=[("Patient", row[0]), ("Patient", row[1])],
-                    detail=f"review {review_id}: no-match"), [])
-        for hook in self.on_decided:
-            hook(review_id, decision, row[0], row[1], ctx)
+                    "update", resources=[("Patient", p) for p in row[:2] if not str(p).startswith("incoming:")],
+                    detail=f"review {review_id}: {what}"), [])
+            for hook in self.on_decided:  # in the same transaction: what the decision unblocks commits with it
+                hook(store, review_id, decision, row[0], row[1], ctx)
         return {"review": review_id, "decision": decision, "golden": golden}
 
     # ---- merge / unmerge --------------------------------------------------------------
@@ -309,7 +310,9 @@ class IdentityService:
         return {"merge": merge_id, "source": source_id, "target": target_id}
 
     def unmerge(self, ctx: Context, merge_id: str) -> JSON:
-        """Restore both records exactly as they were before the merge (as new versions)."""
+        """Undo exactly what the merge changed (the two links and the source's `active`), as new versions.
+
+        Edits made to either record after the merge are kept: a record is never silently rolled back."""
         mg = schema.mpi_merge
         self.service.guard.authorize(ctx, "update", "Patient")
         with self.db.begin() as store:
@@ -319,23 +322,49 @@ class IdentityService:
                 raise error(404, "not-found", "Không có lần gộp này", "No such merge")
             if row[4] is not None:
                 raise error(409, "conflict", "Đã tách trước đó", "This merge was already undone")
+            source_id, target_id = row[0], row[1]
             written = []
-            for pid, version in ((row[0], row[2]), (row[1], row[3])):
+            for pid, version, other, kind in ((source_id, row[2], target_id, "replaced-by"),
+                                              (target_id, row[3], source_id, "replaces")):
                 before = store.version("Patient", pid, version)
                 current = store.current("Patient", pid, lock=True)
                 if before is None or current is None or not self.service.guard.visible(ctx, store, [current]):
                     raise error(404, "not-found", f"Không tìm thấy Patient/{pid}", f"Patient/{pid} not found")
-                restored = before.resource()
-                restored.pop("meta", None)
-                old_meta = before.resource().get("meta", {})
-                restored["meta"] = {k: v for k, v in old_meta.items() if k not in ("versionId", "lastUpdated")}
-                written.append(store.write(current, copy.deepcopy(restored), "PUT"))
+                written.append(store.write(current, _without_merge(current.resource(), before.resource(), other,
+                                                                   kind, pid == source_id), "PUT"))
             store.conn.execute(update(mg).where(mg.c.merge_id == merge_id).values(
                 unmerged_by=ctx.actor or "operator", unmerged_at=now_us()))
             self.service.guard.on_write(ctx, store, AuditFacts(
-                "update", resources=[("Patient", row[0]), ("Patient", row[1])], detail=f"unmerge {merge_id}"),
+                "update", resources=[("Patient", source_id), ("Patient", target_id)], detail=f"unmerge {merge_id}"),
                 written)
-        return {"unmerged": merge_id, "source": row[0], "target": row[1]}
+        return {"unmerged": merge_id, "source": source_id, "target": target_id}
+
+
+def _without_merge(current: JSON, before: JSON, other: str, kind: str, is_source: bool) -> JSON:
+    """`current` minus the merge's link (and, on the source, with `active` as it was before the merge)."""
+    out = {k: copy.deepcopy(v) for k, v in current.items() if k != "meta"}
+    meta = before.get("meta", {})
+    out["meta"] = {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
+    if not out["meta"]:
+        del out["meta"]
+    ref = f"Patient/{other}"
+    dropped = False
+    kept = []
+    for link in out.get("link", []):
+        if not dropped and link.get("type") == kind and (link.get("other") or {}).get("reference") == ref:
+            dropped = True  # only the merge's own link; an older identical link stays
+            continue
+        kept.append(link)
+    if kept:
+        out["link"] = kept
+    else:
+        out.pop("link", None)
+    if is_source:
+        if "active" in before:
+            out["active"] = before["active"]
+        else:
+            out.pop("active", None)
+    return out
 
 
 def _is_golden(resource: JSON) -> bool:
