@@ -11,6 +11,7 @@ import pytest
 from cryptography import x509
 from sqlalchemy import Engine
 
+from lienthong.exchange.demo import Province, start_province
 from lienthong.exchange.schema import TABLES
 from lienthong.exchange.trust import NodeIdentity, ProvincialCA, Role, TrustStore
 from lienthong.storage.engine import make_engine
@@ -75,3 +76,15 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+# ---- a running province (hub + a provincial hospital + Bạch Mai) over real HTTP ----------------
+SENDER, RECEIVER = "24901", "01001"
+UNITS = [(SENDER, "Bệnh viện Đa khoa tỉnh Bắc Giang"), (RECEIVER, "Bệnh viện Bạch Mai")]
+
+
+@pytest.fixture
+def province(tmp_path: Path) -> Iterator[Province]:
+    p = start_province(tmp_path / "province", units=UNITS, poll_seconds=0.02)
+    yield p
+    p.stop()

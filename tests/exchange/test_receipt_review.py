@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import random
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,23 +18,15 @@ from sqlalchemy import func, select
 
 from lienthong.devtools import clinical
 from lienthong.exchange import transfer as tr
-from lienthong.exchange.demo import Province, Unit, _steps, start_province
+from lienthong.exchange.demo import Province, Unit, _steps
 from lienthong.exchange.service import parked_package
 from lienthong.identity.identifiers import CCCD_SYSTEM, ma_bn_system
 from lienthong.interactions.bundles import BundleProcessor
 from lienthong.storage import schema
 
+from .conftest import RECEIVER, SENDER
+
 JSON = dict[str, Any]
-SENDER, RECEIVER = "24901", "01001"
-UNITS = [(SENDER, "Bệnh viện Đa khoa tỉnh Bắc Giang"), (RECEIVER, "Bệnh viện Bạch Mai")]
-
-
-@pytest.fixture
-def province(tmp_path: Path) -> Iterator[Province]:
-    p = start_province(tmp_path / "province", units=UNITS, poll_seconds=0.02)
-    yield p
-    p.stop()
-
 
 def _namesake(patient: JSON, index: int) -> JSON:
     """The same name and birth date at the receiver, with none of the identifiers, phone or address."""

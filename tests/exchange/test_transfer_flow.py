@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,20 +16,12 @@ from sqlalchemy import func, select, update
 
 from lienthong.devtools import clinical
 from lienthong.exchange import transfer as tr
-from lienthong.exchange.demo import HUB, Province, _steps, start_province
+from lienthong.exchange.demo import HUB, Province, _steps
 from lienthong.exchange.schema import inbox, outbox
 from lienthong.interactions.bundles import BundleProcessor
 from lienthong.storage import schema
 
-SENDER, RECEIVER = "24901", "01001"
-UNITS = [(SENDER, "Bệnh viện Đa khoa tỉnh Bắc Giang"), (RECEIVER, "Bệnh viện Bạch Mai")]
-
-
-@pytest.fixture
-def province(tmp_path: Path) -> Iterator[Province]:
-    p = start_province(tmp_path / "province", units=UNITS, poll_seconds=0.02)
-    yield p
-    p.stop()
+from .conftest import RECEIVER, SENDER
 
 
 def _seed(p: Province, n: int, seed: int = 7) -> list[dict[str, Any]]:
