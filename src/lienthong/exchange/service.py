@@ -150,7 +150,7 @@ class ExchangeService:
         hub = config.role == "hub"
         self.inbox = Inbox(validator=None if hub else self._audited(package_validator(trust)))
         self.receiver = Receiver(self.engine, identity, trust, SqlNonceStore(self.engine), inbox=self.inbox,
-                                 relay=self.outbox if hub else None, authorize=self._authorize if hub else None)
+                                 relay=self.outbox if hub else None, authorize=self._admit if hub else None)
         transport: Any
         if hub:
             transport = RoutingTransport(self.registry, identity, trust)
@@ -160,6 +160,8 @@ class ExchangeService:
         self.dispatcher = Dispatcher(self.engine, transport, poll_interval=config.poll_seconds)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
+        self._heard = threading.Lock()
+        self._heard_from: set[str] = set()  # hub: facilities that sent since the worker's last pass
         self.on_import: list[Callable[[str, str], None]] = []  # (package id, local patient id)
         node.identity.on_decided.append(self._review_decided)
 
@@ -180,6 +182,7 @@ class ExchangeService:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                self._resume_heard()
                 done = self.inbox.process(self.engine, self._handle)
             except Exception:  # keep the worker alive; the message stays and is retried
                 log.exception("exchange %s: inbox pass failed", self.config.code)
@@ -215,6 +218,26 @@ class ExchangeService:
             return reason
 
         return validate
+
+    def _admit(self, source: str, dest: str) -> str | None:
+        """Hub: authorise a message's first arrival, and note that its sender is reachable again."""
+        refusal = self._authorize(source, dest)
+        if refusal is None:
+            with self._heard:
+                self._heard_from.add(source)
+        return refusal
+
+    def _resume_heard(self) -> None:
+        """A facility that just sent is up (e.g. restarted after a crash): what waits for it goes now,
+        not after a backoff that grew while it was down. Done here, not at receipt, so the receiving
+        transaction never waits on a second writer."""
+        with self._heard:
+            codes, self._heard_from = self._heard_from, set()
+        if codes:
+            with self.engine.begin() as conn:
+                resumed = sum(self.outbox.retry_now(conn, code) for code in sorted(codes))
+            if resumed:
+                self.dispatcher.wake()
 
     def _authorize(self, source: str, dest: str) -> str | None:
         """Hub rule: both ends must be registered, cleared and allowed to exchange; refusals are audited."""
