@@ -222,9 +222,10 @@ def test_sender_killed_mid_send_repeatedly_loses_and_duplicates_nothing(
         sender.start()
         # Spread the kills over the backlog: the hub must have some, but not all, of the messages.
         target = (landed + 1) * len(messages) // (KILLS + 2)
-        _wait_for(f"a send in flight after {target} deliveries",
-                  lambda t=target: len(_inbox_ids(hub_engine, SENDER)) >= t and bool(_in_flight(engine)),
-                  deadline, sender, pause=0.002)
+        _wait_for(f"{target} deliveries at the hub", lambda t=target: len(_inbox_ids(hub_engine, SENDER)) >= t,
+                  deadline, sender, pause=0.05, state=state)
+        # Poll tightly only now (the hub and the receiver share this process): the next send is under way.
+        _wait_for("a send in flight", lambda: bool(_in_flight(engine)), deadline, sender, pause=0.002, state=state)
         sender.kill()
         left = _in_flight(engine)
         landed += bool(left)
