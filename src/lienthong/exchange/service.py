@@ -160,7 +160,7 @@ class ExchangeService:
         self.dispatcher = Dispatcher(self.engine, transport, poll_interval=config.poll_seconds)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
-        self._heard = threading.Lock()
+        self._heard_lock = threading.Lock()
         self._heard_from: set[str] = set()  # hub: facilities that sent since the worker's last pass
         self.on_import: list[Callable[[str, str], None]] = []  # (package id, local patient id)
         node.identity.on_decided.append(self._review_decided)
@@ -223,7 +223,7 @@ class ExchangeService:
         """Hub: authorise a message's first arrival, and note that its sender is reachable again."""
         refusal = self._authorize(source, dest)
         if refusal is None:
-            with self._heard:
+            with self._heard_lock:
                 self._heard_from.add(source)
         return refusal
 
@@ -231,7 +231,7 @@ class ExchangeService:
         """A facility that just sent is up (e.g. restarted after a crash): what waits for it goes now,
         not after a backoff that grew while it was down. Done here, not at receipt, so the receiving
         transaction never waits on a second writer."""
-        with self._heard:
+        with self._heard_lock:
             codes, self._heard_from = self._heard_from, set()
         if codes:
             with self.engine.begin() as conn:
