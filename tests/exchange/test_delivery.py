@@ -399,6 +399,25 @@ def test_dead_message_blocks_only_its_own_stream_until_requeued(engine: Engine, 
         assert outbox.purge_sent(conn, older_than=86_400 * 7) == 3
 
 
+def test_retry_now_skips_the_backoff_for_one_destination_only(engine: Engine, clock: FakeClock) -> None:
+    outbox = Outbox(clock)
+    with engine.begin() as conn:
+        back, other = outbox.enqueue(conn, "27002", "p-1", b"1"), outbox.enqueue(conn, "27003", "p-2", b"2")
+    transport = Refusing()
+    dispatcher = Dispatcher(engine, transport, clock, backoff=Backoff(base=8, cap=8), rng=random.Random(1))
+    for _ in range(4):  # both fail a few times; after the last failure their next attempts lie ahead
+        clock.advance(8)
+        dispatcher.run_once()
+    with engine.begin() as conn:
+        assert outbox.retry_now(conn, "27002") == 1  # 27002 was just heard from
+    calls = transport.calls
+    assert dispatcher.run_once().failed == 1 and transport.calls == calls + 1
+    with engine.connect() as conn:
+        retried, waiting = Outbox.get(conn, back), Outbox.get(conn, other)
+    assert retried is not None and retried.attempts == 5  # attempts kept: the backoff goes on growing
+    assert waiting is not None and waiting.attempts == 4 and waiting.next_attempt > clock()
+
+
 # ---- inbox -----------------------------------------------------------------------------------------
 
 

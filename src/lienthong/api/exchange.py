@@ -7,11 +7,12 @@ returns its reply, and maps FHIR operations to the exchange service.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -25,6 +26,8 @@ from lienthong.interactions.body import parse_json
 
 MAX_EXCHANGE_BODY = 8 * 1024 * 1024
 
+log = logging.getLogger(__name__)
+
 
 class ExchangeApi:
     def __init__(self, exchange: ExchangeService, api: Any) -> None:
@@ -34,10 +37,14 @@ class ExchangeApi:
     async def wire(self, request: Request) -> Response:
         """Signed node↔hub messages; authentication is the request signature, not a bearer token."""
         body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_EXCHANGE_BODY:
-                return JSONResponse({"error": "too-large"}, status_code=413)
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_EXCHANGE_BODY:
+                    return JSONResponse({"error": "too-large"}, status_code=413)
+        except ClientDisconnect:  # the peer vanished mid-body (link cut, process killed): nothing was stored
+            log.info("exchange: %s %s: peer disconnected before the body was complete", request.method, request.url.path)
+            return JSONResponse({"error": "incomplete-request"}, status_code=400)
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         reply = await run_in_threadpool(self.exchange.receiver.handle, request.method, target,
                                         dict(request.headers), body)

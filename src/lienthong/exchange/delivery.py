@@ -246,6 +246,13 @@ class Outbox:
                               .values(status=PENDING, attempts=0, next_attempt=_us(self.clock()), last_error=None))
         return result.rowcount == 1
 
+    def retry_now(self, conn: Connection, dest: str) -> int:
+        """Make the failed messages for `dest` due now, attempts kept: it was just heard from, so waiting out
+        a backoff that grew while it was down (up to the cap) would only delay the backlog."""
+        now = _us(self.clock())
+        return conn.execute(update(outbox).where(outbox.c.dest == dest, outbox.c.status == FAILED,
+                                                 outbox.c.next_attempt > now).values(next_attempt=now)).rowcount
+
     def purge_sent(self, conn: Connection, older_than: float) -> int:
         """Delete acknowledged messages created more than `older_than` seconds ago."""
         cutoff = _us(self.clock() - older_than)

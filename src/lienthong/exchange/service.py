@@ -160,7 +160,7 @@ class ExchangeService:
         self.inbox = Inbox(validator=None if hub else self._audited(package_validator(trust)))
         self.queries = RecordQueries(self)
         self.receiver = Receiver(self.engine, identity, trust, SqlNonceStore(self.engine), inbox=self.inbox,
-                                 relay=self.outbox if hub else None, authorize=self._authorize if hub else None,
+                                 relay=self.outbox if hub else None, authorize=self._admit if hub else None,
                                  queries=self.queries.relay if hub else self.queries.answer)
         self.routes: RoutingTransport | None = None  # the hub's clients, one per facility
         self.hub_link: HttpTransport | None = None  # a node's client to the hub
@@ -173,6 +173,8 @@ class ExchangeService:
         self.dispatcher = Dispatcher(self.engine, transport, poll_interval=config.poll_seconds)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
+        self._heard_lock = threading.Lock()
+        self._heard_from: set[str] = set()  # hub: facilities that sent since the worker's last pass
         self.on_import: list[Callable[[str, str], None]] = []  # (package id, local patient id)
         node.identity.on_decided.append(self._review_decided)
 
@@ -193,6 +195,7 @@ class ExchangeService:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                self._resume_heard()
                 done = self.inbox.process(self.engine, self._handle)
             except Exception:  # keep the worker alive; the message stays and is retried
                 log.exception("exchange %s: inbox pass failed", self.config.code)
@@ -228,6 +231,26 @@ class ExchangeService:
             return reason
 
         return validate
+
+    def _admit(self, source: str, dest: str) -> str | None:
+        """Hub: authorise a message's first arrival, and note that its sender is reachable again."""
+        refusal = self._authorize(source, dest)
+        if refusal is None:
+            with self._heard_lock:
+                self._heard_from.add(source)
+        return refusal
+
+    def _resume_heard(self) -> None:
+        """A facility that just sent is up (e.g. restarted after a crash): what waits for it goes now,
+        not after a backoff that grew while it was down. Done here, not at receipt, so the receiving
+        transaction never waits on a second writer."""
+        with self._heard_lock:
+            codes, self._heard_from = self._heard_from, set()
+        if codes:
+            with self.engine.begin() as conn:
+                resumed = sum(self.outbox.retry_now(conn, code) for code in sorted(codes))
+            if resumed:
+                self.dispatcher.wake()
 
     def _authorize(self, source: str, dest: str) -> str | None:
         """Hub rule: both ends must be registered, cleared and allowed to exchange; refusals are audited."""
