@@ -4,17 +4,20 @@ Why a chain in its own table: CV 365 requires a log of every user action and the
 police checks ask for integrity. Each record's hash covers the previous hash,
 its sequence number and its body, so editing, deleting or reordering any record
 breaks verification from that point on. Write audits are committed in the
-same transaction as the write; read audits go through a small queue flushed
-every 50 ms, so a read never waits on the chain lock.
+same transaction as the write. Read audits are group-committed: one writer
+thread appends everything pending in one transaction while the next batch
+gathers, and each request's future resolves when its record is durable, so the
+transport answers only after that (one commit serves many concurrent reads).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +31,7 @@ from lienthong.storage.engine import read_connection
 logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-FLUSH_SECONDS = 0.05
+COMMIT_ATTEMPTS = 4  # a batch that fails (e.g. SQLite busy) is retried before its waiters are failed
 
 _ACTION_CODE = {"create": "C", "read": "R", "vread": "R", "search": "E", "history": "R", "update": "U",
                 "patch": "U", "delete": "D", "operation": "E", "export": "E", "transaction": "E", "batch": "E",
@@ -134,11 +137,12 @@ class AuditTrail:
         self.engine = engine
         self.node = node
         self.sqlite = engine.dialect.name == "sqlite"
-        self._queue: queue.Queue[AuditRecord] = queue.Queue()
-        self._stop = threading.Event()
+        self._pending: list[tuple[AuditRecord, Future[None]]] = []
+        self._wake = threading.Condition()
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one batch in flight at a time: the chain order is commit order
 
     # ---- writing -------------------------------------------------------------
     def record_in(self, conn: Connection, records: Sequence[AuditRecord]) -> None:
@@ -171,50 +175,69 @@ class AuditTrail:
             conn.execute(insert(schema.audit_patient), patients)
         conn.execute(update(head).where(head.c.id == 1).values(seq=seq, hash=prev))
 
-    def record(self, record: AuditRecord) -> None:
-        """Queue a record from a read-type interaction; flushed within FLUSH_SECONDS."""
+    def submit(self, record: AuditRecord) -> Future[None]:
+        """Queue a record of a read-type interaction; the future resolves once it is committed (group commit)."""
         record.recorded = record.recorded or now_us()
-        self._queue.put(record)
-        self._ensure_thread()
+        done: Future[None] = Future()
+        with self._wake:
+            self._pending.append((record, done))
+            self._wake.notify()
+        if self._thread is None or not self._thread.is_alive():
+            self._ensure_thread()
+        return done
+
+    def record(self, record: AuditRecord) -> None:
+        """Append a record and return when it is durable."""
+        self.submit(record).result()
 
     def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            with self._lock:
-                if self._thread is None or not self._thread.is_alive():
-                    self._stop.clear()
-                    self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-                    self._thread.start()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._stop.wait(FLUSH_SECONDS)
+        while True:
+            with self._wake:
+                while not self._pending and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and not self._pending:
+                    return
             try:
                 self.flush()
-            except Exception:  # the batch went back to the queue; try again on the next tick
-                logger.exception("audit: flush failed; will retry")
+            except Exception:  # the waiters of that batch were failed; the next batch starts afresh
+                logger.exception("audit: commit failed")
 
     def flush(self) -> None:
+        """Commit everything pending now (and wait for a batch already in flight)."""
         with self._flush_lock:
-            batch: list[AuditRecord] = []
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            with self._wake:
+                batch, self._pending = self._pending, []
             if not batch:
                 return
-            try:
-                with self.engine.begin() as conn:
-                    self.record_in(conn, batch)
-            except Exception:
-                for rec in batch:  # never drop an audit record: back in the queue, in order
-                    self._queue.put(rec)
-                raise
+            records = [rec for rec, _ in batch]
+            for attempt in range(COMMIT_ATTEMPTS):
+                try:
+                    with self.engine.begin() as conn:
+                        self.record_in(conn, records)
+                    break
+                except Exception as exc:
+                    if attempt == COMMIT_ATTEMPTS - 1:
+                        for _, done in batch:  # nobody may be answered on an unwritten record
+                            done.set_exception(exc)
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
+            for _, done in batch:
+                done.set_result(None)
 
     def close(self) -> None:
-        self._stop.set()
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            self._thread = None
         self.flush()
 
     # ---- reading -------------------------------------------------------------
