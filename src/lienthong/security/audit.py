@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from lienthong.fhir.datetimes import format_instant, now_us
 from lienthong.storage import schema
@@ -126,6 +126,13 @@ class AuditRecord:
         return event
 
 
+# Built once: the audit writer runs these for every batch.
+_HEAD = select(schema.audit_head.c.seq, schema.audit_head.c.hash).where(schema.audit_head.c.id == 1)
+_HEAD_LOCKED = _HEAD.with_for_update()
+_MOVE_HEAD = (update(schema.audit_head).where(schema.audit_head.c.id == 1)
+              .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
+
+
 def _chain(prev: str, seq: int, body: bytes, columns: tuple[Any, ...] = ()) -> str:
     """The record's hash covers the previous hash, its sequence, the queried columns and the body."""
     head = "|".join([prev, str(seq), *("" if c is None else str(c) for c in columns)]) + "|"
@@ -149,11 +156,7 @@ class AuditTrail:
         """Append records inside the caller's transaction (used for writes: both commit or neither)."""
         if not records:
             return
-        head = schema.audit_head
-        stmt = select(head.c.seq, head.c.hash).where(head.c.id == 1)
-        if not self.sqlite:
-            stmt = stmt.with_for_update()
-        seq, prev = conn.execute(stmt).one()
+        seq, prev = conn.execute(_HEAD if self.sqlite else _HEAD_LOCKED).one()
         rows: list[dict[str, Any]] = []
         patients: list[dict[str, Any]] = []
         for rec in records:
@@ -173,7 +176,7 @@ class AuditTrail:
         conn.execute(insert(schema.audit_log), rows)
         if patients:
             conn.execute(insert(schema.audit_patient), patients)
-        conn.execute(update(head).where(head.c.id == 1).values(seq=seq, hash=prev))
+        conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
 
     def submit(self, record: AuditRecord) -> Future[None]:
         """Queue a record of a read-type interaction; the future resolves once it is committed (group commit)."""

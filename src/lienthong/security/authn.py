@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, insert
@@ -37,6 +38,12 @@ ROLE_GRANTS = {
     "province-admin": "user/Organization.rs user/Endpoint.rs",
     "auditor": "user/AuditEvent.rs",
 }
+
+
+@lru_cache(maxsize=1024)
+def _token_scopes(text: str) -> tuple[smart.Scope, ...]:
+    """A token's resource scopes, parsed once per distinct scope string rather than on every request."""
+    return tuple(smart.parse_scopes(text)[0])
 
 
 def unauthorized(vi: str, en: str) -> FhirError:
@@ -132,8 +139,8 @@ class Authenticator:
             client = self._client(claims.subject, io)
             if client is None or client.disabled:
                 raise unauthorized("Máy khách bị vô hiệu", "Client disabled")
-            resource_scopes, _ = smart.parse_scopes(str(claims.raw.get("scope", "")))
-            return Principal("client", client.client_id, client.client_id, resource_scopes, client.facility,
+            return Principal("client", client.client_id, client.client_id,
+                             list(_token_scopes(str(claims.raw.get("scope", "")))), client.facility,
                              token=claims)
         user = self._user(claims.subject, io)
         if user is None or user.disabled:
@@ -141,7 +148,7 @@ class Authenticator:
         return self._user_principal(claims, user, io)
 
     def _user_principal(self, claims: Claims, user: User, io: bool = True) -> Principal:
-        resource_scopes, _ = smart.parse_scopes(str(claims.raw.get("scope", "")))
+        resource_scopes = list(_token_scopes(str(claims.raw.get("scope", ""))))
         roles = tuple(a.role for a in user.active_roles() if a.role in ROLES)
         return Principal("user", user.username, user.user_id, resource_scopes, user.facility, roles,
                          user.practitioner_id, claims.raw.get("patient"),
