@@ -76,6 +76,8 @@ def parse_args() -> argparse.Namespace:
                                                                 "--quick: 50,000)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions of each ingest/raw/read config "
                                                            "(default 2; --quick: 1)")
+    ap.add_argument("--read-reps", type=int, default=None, help="interleaved repetitions of each read run "
+                                                                "(default: --reps)")
     ap.add_argument("--read-seconds", type=float, default=None, help="duration of each read run (10; --quick 5)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
@@ -267,7 +269,7 @@ def phase_read(servers: dict[str, ServerProcess], args: argparse.Namespace, work
     paths_of = {result_key("read", mode, args): res["read_paths_by_mode"][mode] for mode in servers}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in targets}
     try:
-        for _ in range(args.reps):  # interleaved, so machine noise hits every server alike
+        for _ in range(args.read_reps or args.reps):  # interleaved, so machine noise hits every server alike
             for name, s in targets:
                 bg = background_busy()
                 c0 = cpu_times(s.pid)
