@@ -1,6 +1,6 @@
 """FHIR server benchmark: ingest, read, search, each against its physical limit.
 
-    python bench/fhir/run.py [--db sqlite|postgresql|both] [--quick] [--resources N] [--profile]
+    python bench/fhir/run.py [--db sqlite|postgresql|both] [--quick] [--resources N] [--profile] [--auth both]
 
 Per database (PostgreSQL: a throw-away cluster in a temp dir; SQLite: files in a temp dir), with the
 server as a real `lienthong serve` subprocess (uvicorn) on 127.0.0.1 and a free port:
@@ -10,6 +10,8 @@ server as a real `lienthong serve` subprocess (uvicorn) on 127.0.0.1 and a free 
  (b)   read by id, 16 concurrent connections (wrk), random ids with a fixed seed, bounded duration;
  (d-b) Starlette+uvicorn serving the same bytes from memory (bench/fhir/memapp.py), same load;
  (c)   10 searches at N resources (perturbed copies bulk-loaded in-process: setup, timed apart).
+With --auth both, (a) and (b) run against a server with authorisation and audit off (--insecure-dev) and one
+with them on, interleaved in this one run, and the report gives the overhead as a ratio.
 
 Markdown report on stdout, progress on stderr, JSON in bench/results/fhir.json.
 """
