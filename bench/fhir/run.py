@@ -1,6 +1,6 @@
 """FHIR server benchmark: ingest, read, search, each against its physical limit.
 
-    python bench/fhir/run.py [--db sqlite|postgresql|both] [--quick] [--resources N] [--profile]
+    python bench/fhir/run.py [--db sqlite|postgresql|both] [--quick] [--resources N] [--profile] [--auth both]
 
 Per database (PostgreSQL: a throw-away cluster in a temp dir; SQLite: files in a temp dir), with the
 server as a real `lienthong serve` subprocess (uvicorn) on 127.0.0.1 and a free port:
@@ -10,6 +10,8 @@ server as a real `lienthong serve` subprocess (uvicorn) on 127.0.0.1 and a free 
  (b)   read by id, 16 concurrent connections (wrk), random ids with a fixed seed, bounded duration;
  (d-b) Starlette+uvicorn serving the same bytes from memory (bench/fhir/memapp.py), same load;
  (c)   10 searches at N resources (perturbed copies bulk-loaded in-process: setup, timed apart).
+With --auth both, (a) and (b) run against a server with authorisation and audit off (--insecure-dev) and one
+with them on, interleaved in this one run, and the report gives the overhead as a ratio.
 
 Markdown report on stdout, progress on stderr, JSON in bench/results/fhir.json.
 """
@@ -76,6 +78,8 @@ def parse_args() -> argparse.Namespace:
                                                                 "--quick: 50,000)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions of each ingest/raw/read config "
                                                            "(default 2; --quick: 1)")
+    ap.add_argument("--read-reps", type=int, default=None, help="interleaved repetitions of each read run "
+                                                                "(default: --reps)")
     ap.add_argument("--read-seconds", type=float, default=None, help="duration of each read run (10; --quick 5)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--client", choices=["auto", "wrk", "python"], default="auto",
@@ -86,9 +90,10 @@ def parse_args() -> argparse.Namespace:
                     help="processes for the search-data load (PG: cpu count; SQLite: 1, it has one writer)")
     ap.add_argument("--search-iterations", type=int, default=None, help="runs per query (200; --quick 40)")
     ap.add_argument("--search-cap-s", type=float, default=None, help="time cap per query (40 s; --quick 10 s)")
-    ap.add_argument("--auth", choices=["auto", "insecure", "token"], default="auto",
+    ap.add_argument("--auth", choices=["auto", "insecure", "token", "both"], default="auto",
                     help="auto: use a bearer token if the server demands one (its default mode); insecure: pass "
-                         "--insecure-dev; token: always use a token")
+                         "--insecure-dev; token: always use a token; both: ingest and read with and without "
+                         "authorisation and audit in this one run, interleaved, and report the overhead")
     ap.add_argument("--slow-ms", type=int, default=250,
                     help="PostgreSQL: log search statements slower than this, with auto_explain plans (0: off)")
     ap.add_argument("--skip-search", action="store_true")
@@ -139,17 +144,29 @@ def smallest(samples: list[tuple[str, bytes, int]]) -> tuple[str, bytes, int]:
 # ---- phases ------------------------------------------------------------------------------------
 
 
+def auth_modes(args: argparse.Namespace) -> list[str]:
+    """The server modes of this run: one, or both (authorisation and audit off, then on)."""
+    return ["insecure", "token"] if args.auth == "both" else [args.auth]
+
+
+def result_key(measure: str, mode: str, args: argparse.Namespace) -> str:
+    """`ingest`/`read` hold the authenticated mode; with --auth both the other is `ingest_off`/`read_off`."""
+    return f"{measure}_off" if args.auth == "both" and mode == "insecure" else measure
+
+
 def phase_ingest(backend: Backend, kind: str, samples: list[Any], args: argparse.Namespace, work: Path,
                  cleanup: Cleanup, res: dict[str, Any]) -> ServerProcess:
     from ingest import log_ingest, post_bundles
 
-    trials = []
-    keep: ServerProcess | None = None
-    configs = [(rep, s) for rep in range(args.reps) for s in (1, 2)]
-    for n, (rep, streams) in enumerate(configs):
-        dbname = f"ingest_s{streams}_r{rep}"
+    trials: dict[str, list[dict[str, Any]]] = {mode: [] for mode in auth_modes(args)}
+    keep: dict[str, ServerProcess] = {}
+    # Interleaved (rep, streams, mode): with --auth both, machine noise hits both modes alike.
+    configs = [(rep, s, mode) for rep in range(args.reps) for s in (1, 2) for mode in trials]
+    for n, (rep, streams, mode) in enumerate(configs):
+        dbname = f"ingest_s{streams}_r{rep}" + ("_off" if mode == "insecure" and len(trials) > 1 else "")
         url = backend.new_url(dbname)
-        srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-{dbname}", auth=args.auth)
+        srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-{dbname}", auth=mode)
+        res.setdefault("auth_modes", {})[mode] = srv.auth
         res["auth"] = srv.auth
         res.setdefault("src_versions", []).append([srv.name, srv.src_hash])
         warm = post_bundles(srv.base, [smallest(samples)], 1, srv.headers)  # first-request costs, not counted
@@ -162,26 +179,29 @@ def phase_ingest(backend: Backend, kind: str, samples: list[Any], args: argparse
         r["server_cpu_cores"] = (cpu_times(srv.pid) - c0) / r["seconds"]
         r["machine_busy"] = cpu_util(s0, system_cpu())
         r["rep"] = rep
-        log_ingest(r, "ingest")
+        r["auth"] = mode
+        log_ingest(r, f"ingest ({mode})")
         for e in r["errors"]:
             res["anomalies"].append({"phase": f"ingest streams={streams}", "request": f"POST /fhir ({e['bundle']})",
                                      "status": e["status"], "body": e.get("error", "")})
         res["anomalies"].extend(server_errors(srv, f"ingest streams={streams}"))
-        trials.append(r)
-        if n == len(configs) - 1:
-            keep = srv
-            res["read_db_url"] = url
+        trials[mode].append(r)
+        if n >= len(configs) - len(trials):  # the last server of each mode stays up for the read phase
+            keep[mode] = srv
+            res.setdefault("read_db_urls", {})[mode] = url
         else:
             srv.stop()
             backend.drop(dbname)  # type: ignore[attr-defined]
-    best = max(trials, key=lambda t: t["rps"])
-    res["read_paths"] = trials[-1]["paths"]
-    res["ingest"] = {"trials": [{k: v for k, v in t.items() if k != "paths"} for t in trials],
-                     "best": {k: v for k, v in best.items() if k != "paths"},
-                     "bundles": len(samples), "resources_per_pass": sum(s[2] for s in samples),
-                     "warmup": f"1 bundle ({smallest(samples)[0]}, {smallest(samples)[2]} entries) posted "
-                               "before timing on each fresh server"}
-    assert keep is not None
+    for mode, mode_trials in trials.items():
+        best = max(mode_trials, key=lambda t: t["rps"])
+        res["read_paths"] = mode_trials[-1]["paths"]  # ids differ per database: each server reads its own
+        res.setdefault("read_paths_by_mode", {})[mode] = mode_trials[-1]["paths"]
+        res[result_key("ingest", mode, args)] = {
+            "trials": [{k: v for k, v in t.items() if k != "paths"} for t in mode_trials],
+            "best": {k: v for k, v in best.items() if k != "paths"},
+            "bundles": len(samples), "resources_per_pass": sum(s[2] for s in samples),
+            "warmup": f"1 bundle ({smallest(samples)[0]}, {smallest(samples)[2]} entries) posted "
+                      "before timing on each fresh server"}
     return keep
 
 
@@ -238,37 +258,41 @@ def export_memdata(url: str, out: Path) -> int:
     return len(data)
 
 
-def phase_read(srv: ServerProcess, args: argparse.Namespace, work: Path, cleanup: Cleanup,
+def phase_read(servers: dict[str, ServerProcess], args: argparse.Namespace, work: Path, cleanup: Cleanup,
                res: dict[str, Any]) -> None:
     from loadgen import run_load, sweep_errors
 
     paths = res["read_paths"]
     memfile = work / "memdata.json"
-    n = export_memdata(res["read_db_url"], memfile)
+    n = export_memdata(res["read_db_urls"][auth_modes(args)[-1]], memfile)
     log(f"  {len(paths)} read paths, {n} resources exported for the in-memory app")
     mem = start_memapp(memfile, work, cleanup)
-    runs: dict[str, list[dict[str, Any]]] = {"lienthong": [], "memapp": []}
+    targets = [*((result_key("read", mode, args), srv) for mode, srv in servers.items()), ("memapp", mem)]
+    paths_of = {result_key("read", mode, args): res["read_paths_by_mode"][mode] for mode in servers}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in targets}
     try:
-        for _ in range(args.reps):  # interleaved, so machine noise hits both alike
-            for name, s in (("lienthong", srv), ("memapp", mem)):
+        for _ in range(args.read_reps or args.reps):  # interleaved, so machine noise hits every server alike
+            for name, s in targets:
                 bg = background_busy()
                 c0 = cpu_times(s.pid)
-                r = run_load(s.base, paths, args.concurrency, args.read_seconds, tool=args.client,
-                             headers=srv.headers)
+                r = run_load(s.base, paths_of.get(name, paths), args.concurrency, args.read_seconds,
+                             tool=args.client, headers=s.headers)
                 r["server_cpu_cores"] = (cpu_times(s.pid) - c0) / max(r["seconds"], 1e-9)
                 r["background_busy"] = bg
                 runs[name].append(r)
-        if any(r["non_2xx"] for r in runs["lienthong"]):
-            for bad in sweep_errors(srv.base, paths, srv.headers):
-                res["anomalies"].append({"phase": "read", **bad})
+        for name, s in targets[:-1]:
+            if any(r["non_2xx"] for r in runs[name]):
+                for bad in sweep_errors(s.base, paths_of[name], s.headers):
+                    res["anomalies"].append({"phase": name, **bad})
         if any(r["non_2xx"] for r in runs["memapp"]):
             res["anomalies"].append({"phase": "read limit", "body": "memapp answered non-2xx (path mismatch?)"})
     finally:
         mem.stop()
-    best = {k: max(v, key=lambda r: r["rps"]) for k, v in runs.items()}
-    res["read"] = {"runs": runs["lienthong"], "best": best["lienthong"], "paths": len(paths)}
-    res["read_limit"] = {"runs": runs["memapp"], "best": best["memapp"]}
-    res["anomalies"].extend(server_errors(srv, "read"))
+    for name, _ in targets[:-1]:
+        res[name] = {"runs": runs[name], "best": max(runs[name], key=lambda r: r["rps"]), "paths": len(paths)}
+    res["read_limit"] = {"runs": runs["memapp"], "best": max(runs["memapp"], key=lambda r: r["rps"])}
+    for name, s in targets[:-1]:
+        res["anomalies"].extend(server_errors(s, name))
 
 
 def phase_search(backend: Backend, kind: str, samples: list[Any], args: argparse.Namespace, work: Path,
@@ -300,7 +324,7 @@ def phase_search(backend: Backend, kind: str, samples: list[Any], args: argparse
     log(f"  setup done: {setup['resources']} resources in {setup['seconds']:.0f}s ({setup['rps']:.0f} res/s); "
         f"analyze {setup['analyze_seconds']:.1f}s; db {size / 1e9:.2f} GB")
     res["search_setup"] = setup
-    srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-search", auth=args.auth)
+    srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-search", auth=auth_modes(args)[-1])
     rng = random.Random(20261127)
     originals = [orjson.loads(r) for r in raws]
     res.setdefault("src_versions", []).append([srv.name, srv.src_hash])
@@ -380,7 +404,7 @@ def phase_profile(kind: str, backend: Backend, samples: list[Any], read_srv: Ser
     pdir = RESULTS / "profiles"
     prof: dict[str, Any] = {}
     url = backend.new_url("profile_ingest")
-    srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-profile", auth=args.auth)
+    srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-profile", auth=auth_modes(args)[-1])
     post_bundles(srv.base, [smallest(samples)], 1, srv.headers)
     prof["ingest"] = profile_phase(srv.pid, pdir / f"{kind}-ingest.txt",
                                    lambda: post_bundles(srv.base, samples, 1, srv.headers))
@@ -408,10 +432,11 @@ def run_db(kind: str, samples: list[Any], args: argparse.Namespace, phases: Phas
         res["db_settings"] = backend.settings  # type: ignore[attr-defined]
         work = Path(tempfile.mkdtemp(prefix=f"lienthong-bench-{kind}-"))  # server logs, in-memory app data
         cleanup.push("work dir", lambda: shutil.rmtree(work, ignore_errors=True))
-        read_srv = phases.run(f"[{kind}] (a) ingest over HTTP",
-                              lambda: phase_ingest(backend, kind, samples, args, work, cleanup, res))
+        read_servers = phases.run(f"[{kind}] (a) ingest over HTTP",
+                                  lambda: phase_ingest(backend, kind, samples, args, work, cleanup, res))
+        read_srv = read_servers[auth_modes(args)[-1]]
         phases.run(f"[{kind}] (b)+(d-b) read and in-memory limit",
-                   lambda: phase_read(read_srv, args, work, cleanup, res))
+                   lambda: phase_read(read_servers, args, work, cleanup, res))
         phases.run(f"[{kind}] (d-a) raw-insert limit", lambda: phase_raw(backend, kind, samples, args, res))
         search_srv = None
         if not args.skip_search:
@@ -430,6 +455,7 @@ def run_db(kind: str, samples: list[Any], args: argparse.Namespace, phases: Phas
         phases.run(f"[{kind}] cleanup", cleanup.run)
     res.pop("_mix", None)
     res.pop("read_paths", None)
+    res.pop("read_paths_by_mode", None)
     return res
 
 
@@ -450,6 +476,28 @@ def f2(x: Any) -> str:
 
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def overhead_report(r: dict[str, Any]) -> list[str]:
+    """Authorisation and audit overhead: the same measure with both off and on, in this one run."""
+    L = ["### Authorisation and audit overhead (same run, interleaved)\n",
+         f"On: {r.get('auth_modes', {}).get('token', '?')}. Off: `--insecure-dev`.\n",
+         "| measure | off | on | on/off | overhead | paired on/off per rep | reference in this run |",
+         "|---|---|---|---|---|---|---|"]
+    for measure, unit, ref in (("ingest", "res/s", r.get("raw_insert")), ("read", "req/s", r.get("read_limit"))):
+        off, on = r.get(f"{measure}_off"), r.get(measure)
+        if not off or not on:
+            continue
+        key = (lambda t: (t["rep"], t["streams"])) if measure == "ingest" else None
+        offs = {key(t) if key else i: t["rps"] for i, t in enumerate(off.get("trials", off.get("runs", [])))}
+        ons = {key(t) if key else i: t["rps"] for i, t in enumerate(on.get("trials", on.get("runs", [])))}
+        paired = ", ".join(f"{ons[k] / offs[k]:.2f}" for k in offs if k in ons and offs[k])
+        ratio = on["best"]["rps"] / off["best"]["rps"]
+        ref_text = f"{f0(ref['best']['rps'])} {unit}" if ref else "n/a"
+        L.append(f"| {measure} (best of each) | {f0(off['best']['rps'])} {unit} | {f0(on['best']['rps'])} {unit} | "
+                 f"{ratio:.3f} | **{f1(100 * (1 - ratio))} %** | {paired} | {ref_text} |")
+    L.append("")
+    return L
 
 
 def report(meta: dict[str, Any], results: list[dict[str, Any]], phases: Phases) -> str:
@@ -483,8 +531,9 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], phases: Phases) 
             L.append("| run | streams | resources | seconds | res/s | server CPU (cores) | machine busy during "
                      "| background load before |")
             L.append("|---|---|---|---|---|---|---|---|")
-            for t in ing["trials"]:
-                L.append(f"| ingest rep {t['rep']} | {t['streams']} | {t['resources']:,} | {f2(t['seconds'])} | "
+            for t in [*r.get("ingest_off", {}).get("trials", []), *ing["trials"]]:
+                label = " (auth off)" if "ingest_off" in r and t.get("auth") == "insecure" else ""
+                L.append(f"| ingest{label} rep {t['rep']} | {t['streams']} | {t['resources']:,} | {f2(t['seconds'])} | "
                          f"{f0(t['rps'])} | {f2(t['server_cpu_cores'])} | {f0(100 * t['machine_busy'])} % | "
                          f"{f0(100 * t['background_busy'])} % |")
             for t in (raw or {}).get("trials", []):
@@ -513,7 +562,8 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], phases: Phases) 
             L.append("| server | run | req/s | p50 ms | p95 ms | p99 ms | non-2xx | server CPU (cores) "
                      "| background load before |")
             L.append("|---|---|---|---|---|---|---|---|---|")
-            for name, blk in (("lienthong", rd), ("in-memory app", rl)):
+            blocks = [("lienthong (auth off)", r["read_off"])] if "read_off" in r else []
+            for name, blk in (*blocks, ("lienthong", rd), ("in-memory app", rl)):
                 for i, x in enumerate(blk["runs"]):
                     L.append(f"| {name} | {i} | {f0(x['rps'])} | {f2(x['p50_ms'])} | {f2(x['p95_ms'])} | "
                              f"{f2(x['p99_ms'])} | {x['non_2xx']} | {f2(x['server_cpu_cores'])} | "
@@ -524,6 +574,8 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], phases: Phases) 
                      f"read = **{f1(pct)} %** of the limit.\n")
             targets.append((f"{kind}: read ≥ {TARGET_READ_PCT:.0f} % of framework limit", f1(pct) + " %",
                             pct >= TARGET_READ_PCT))
+        if "ingest_off" in r or "read_off" in r:
+            L.extend(overhead_report(r))
         ss, se = r.get("search_setup"), r.get("search")
         if ss:
             L.append(f"### (c) search at N = {ss['resources']:,} resources\n")
@@ -636,7 +688,7 @@ def main() -> int:
     if args.client == "wrk" and not have_wrk():
         print("error: wrk not installed (apt-get install -y wrk) — or use --client python", file=sys.stderr)
         return 2
-    if args.auth == "insecure":
+    if args.auth in ("insecure", "both"):
         from common import serve_supports
 
         if not serve_supports("--insecure-dev"):

@@ -179,8 +179,8 @@ def audit_of(app: Any) -> Any:
 def wait_for_events(audit: Any, done: Any, timeout: float = 10.0, **filters: Any) -> list[JSON]:
     """`audit.events(**filters)` once `done(events)` holds (or the timeout passes).
 
-    Read audits are queued; `flush()` drains the queue, but the writer thread may already hold a
-    batch whose transaction has not committed yet, so a test that needs a just-made record polls.
+    An HTTP request answers only once its records are committed, but records of in-process callers
+    are only queued, so a test that needs such a record polls.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -188,22 +188,6 @@ def wait_for_events(audit: Any, done: Any, timeout: float = 10.0, **filters: Any
         if done(events) or time.monotonic() > deadline:
             return events
         time.sleep(0.05)
-
-
-def manual_audit(app: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Stop the audit writer thread: queued read audits are written only by explicit `flush()` calls,
-    so that the order of the chain is the order of the actions (for exact-sequence tests)."""
-    audit = audit_of(app)
-    audit._stop.set()
-    if audit._thread is not None:
-        audit._thread.join(5)
-    monkeypatch.setattr(audit, "_ensure_thread", lambda: None)
-    audit.flush()
-    return audit
-
-
-
-
 
 
 # ---- database fixtures ----------------------------------------------------------------------

@@ -194,6 +194,34 @@ def test_client_token_can_be_revoked(world: World) -> None:
     unauthorized(world.http.get("/fhir/Patient", headers=bearer(token)))
 
 
+def test_a_cached_token_revoked_by_another_worker_is_refused_after_the_refresh(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second app on the same database plays another uvicorn worker: its revocation reaches this
+    worker's token cache within REVOCATION_REFRESH_S, also on the cache-only (event loop) path."""
+    from lienthong.security import tokens
+
+    monkeypatch.setattr(tokens, "REVOCATION_REFRESH_S", 0.2)
+    a = world.actors["system-readonly"]
+    token = client_login(world.app, a.login, a.secret)["access_token"]
+    for _ in range(3):  # verified once, then served from the cache
+        assert world.http.get("/fhir/Patient/p1a", headers=bearer(token)).status_code == 200
+    other = make_app(world.url)
+    try:
+        assert TestClient(other).post("/auth/revoke", data={"token": token}).status_code == 200
+    finally:
+        close_app(other)
+    time.sleep(0.3)
+    unauthorized(world.http.get("/fhir/Patient/p1a", headers=bearer(token)))
+    unauthorized(world.http.get("/fhir/Patient/p1a", headers=bearer(token)))
+
+
+def test_the_token_cache_holds_no_bearer_token(world: World) -> None:
+    token = login(world.app, "bs.an")["access_token"]
+    assert world.http.get("/fhir/Patient/p1a", headers=bearer(token)).status_code == 200
+    cache = world.node.auth.tokens._cache
+    assert cache and token not in cache and all(isinstance(k, bytes) and len(k) == 32 for k in cache)
+
+
 def test_logout_revokes_the_token(world: World) -> None:
     token = login(world.app, "bs.an")["access_token"]
     assert world.http.get("/fhir/Patient/p1a", headers=bearer(token)).status_code == 200

@@ -8,6 +8,7 @@ content negotiation, Prefer, and turning every error into an OperationOutcome.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,12 +37,14 @@ from lienthong.interactions.export import ExportManager
 from lienthong.interactions.guard import AuditFacts
 from lienthong.interactions.service import FhirService, Result
 from lienthong.security.authn import Authenticator
+from lienthong.security.tokens import NeedsIO
 
 log = logging.getLogger("lienthong.api")
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 _JSON_TYPES = ("application/fhir+json", "application/json", "json", "fhir+json", "application/json+fhir")
 _XML_TYPES = ("application/fhir+xml", "application/xml", "xml", "text/xml", "fhir+xml", "application/xml+fhir")
+AUDIT_WAITS = "lienthong.audit_waits"  # ASGI scope key: the request's audit commits, awaited by AuditBarrier
 
 
 @dataclass
@@ -83,13 +86,18 @@ class FhirApi:
             strict="handling=strict" in prefer.replace(" ", ""),
             address=request.client.host if request.client else None,
             extra={"node": self.settings.node_name},
+            audit_waits=request.scope.get(AUDIT_WAITS),
         )
 
     async def context(self, request: Request) -> Context:
         """The request context with the authenticated principal (401 when authentication is on and fails)."""
         ctx = self.base_context(request)
         if self.auth is not None:
-            ctx.principal = await run_in_threadpool(self.auth.principal, ctx, request.headers.get("authorization"))
+            header = request.headers.get("authorization")
+            try:  # from caches on the event loop: no thread-pool hop for the common case
+                ctx.principal = self.auth.principal(ctx, header, io=False)
+            except NeedsIO:
+                ctx.principal = await run_in_threadpool(self.auth.principal, ctx, header)
         return ctx
 
     async def body(self, request: Request) -> bytes:
@@ -493,18 +501,18 @@ def build_app(service: FhirService, settings: ApiSettings | None = None,
                                      allow_headers=["Authorization", "Content-Type", "Prefer", "If-Match",
                                                     "If-None-Exist"],
                                      expose_headers=["Location", "ETag", "Content-Location", "Last-Modified"]))
+    middleware.append(Middleware(AuditBarrier))
     app = Starlette(routes=all_routes, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware)
     app.state.api = api
     api.exports.resume()
     return app
 
 
-class SecurityHeaders:
-    """Security headers on every response; clinical data is never cached by browsers or proxies."""
+Send = Callable[[Any], Awaitable[None]]
 
-    _HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-                (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store"),
-                (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"))
+
+class _SendFilter:
+    """ASGI middleware that sees every outgoing message of an HTTP request through `filter`."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -513,7 +521,20 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.app(scope, receive, self.filter(scope, send))
 
+    def filter(self, scope: Any, send: Send) -> Send:
+        raise NotImplementedError
+
+
+class SecurityHeaders(_SendFilter):
+    """Security headers on every response; clinical data is never cached by browsers or proxies."""
+
+    _HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store"),
+                (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"))
+
+    def filter(self, scope: Any, send: Send) -> Send:
         async def send_with_headers(message: Any) -> None:
             if message["type"] == "http.response.start":
                 present = {k.lower() for k, _ in message.get("headers", [])}
@@ -521,4 +542,42 @@ class SecurityHeaders:
                 message["headers"] = list(message["headers"]) + [h for h in self._HEADERS if h[0] not in present]
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        return send_with_headers
+
+
+class AuditBarrier(_SendFilter):
+    """No response leaves before the audit records of its request are committed.
+
+    Why at the ASGI level: every route (FHIR, auth, exchange) records through the same context, and
+    holding back `http.response.start` means no byte of clinical data is sent on an unwritten record.
+    The records are group-committed, so concurrent requests share one audit transaction. If the commit
+    fails, the client gets a 500 OperationOutcome instead of the data.
+    """
+
+    def filter(self, scope: Any, send: Send) -> Send:
+        waits: list[Any] = []
+        scope[AUDIT_WAITS] = waits
+        failed = False
+
+        async def send_when_audited(message: Any) -> None:
+            nonlocal failed
+            if message["type"] == "http.response.start" and waits:
+                try:
+                    for done in waits:
+                        if not done.done():
+                            await asyncio.wrap_future(done)
+                        done.result()
+                except Exception:
+                    log.exception("audit commit failed; the response is withheld")
+                    failed = True
+                    outcome = operation_outcome([OutcomeIssue(
+                        "fatal", "exception", "Không ghi được nhật ký kiểm toán / The audit record could not be "
+                                              "written; nothing was returned")])
+                    await send({"type": "http.response.start", "status": 500,
+                                "headers": [(b"content-type", FHIR_JSON.encode())]})
+                    await send({"type": "http.response.body", "body": orjson.dumps(outcome)})
+                    return
+            if not failed:
+                await send(message)
+
+        return send_when_audited

@@ -4,22 +4,25 @@ Why a chain in its own table: CV 365 requires a log of every user action and the
 police checks ask for integrity. Each record's hash covers the previous hash,
 its sequence number and its body, so editing, deleting or reordering any record
 breaks verification from that point on. Write audits are committed in the
-same transaction as the write; read audits go through a small queue flushed
-every 50 ms, so a read never waits on the chain lock.
+same transaction as the write. Read audits are group-committed: one writer
+thread appends everything pending in one transaction while the next batch
+gathers, and each request's future resolves when its record is durable, so the
+transport answers only after that (one commit serves many concurrent reads).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from lienthong.fhir.datetimes import format_instant, now_us
 from lienthong.interactions.guard import RemoteAccess
@@ -29,7 +32,7 @@ from lienthong.storage.engine import read_connection
 logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-FLUSH_SECONDS = 0.05
+COMMIT_ATTEMPTS = 4  # a batch that fails (e.g. SQLite busy) is retried before its waiters are failed
 
 _ACTION_CODE = {"create": "C", "read": "R", "vread": "R", "search": "E", "history": "R", "update": "U",
                 "patch": "U", "delete": "D", "operation": "E", "export": "E", "transaction": "E", "batch": "E",
@@ -173,6 +176,13 @@ def _balp_query(event: dict[str, Any], actor: dict[str, Any], entities: list[dic
                               "code": "XrequestId"}})
 
 
+# Built once: the audit writer runs these for every batch.
+_HEAD = select(schema.audit_head.c.seq, schema.audit_head.c.hash).where(schema.audit_head.c.id == 1)
+_HEAD_LOCKED = _HEAD.with_for_update()
+_MOVE_HEAD = (update(schema.audit_head).where(schema.audit_head.c.id == 1)
+              .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
+
+
 def _chain(prev: str, seq: int, body: bytes, columns: tuple[Any, ...] = ()) -> str:
     """The record's hash covers the previous hash, its sequence, the queried columns and the body."""
     head = "|".join([prev, str(seq), *("" if c is None else str(c) for c in columns)]) + "|"
@@ -184,22 +194,19 @@ class AuditTrail:
         self.engine = engine
         self.node = node
         self.sqlite = engine.dialect.name == "sqlite"
-        self._queue: queue.Queue[AuditRecord] = queue.Queue()
-        self._stop = threading.Event()
+        self._pending: list[tuple[AuditRecord, Future[None], bool]] = []  # (record, done, someone waits)
+        self._wake = threading.Condition()
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one batch in flight at a time: the chain order is commit order
 
     # ---- writing -------------------------------------------------------------
     def record_in(self, conn: Connection, records: Sequence[AuditRecord]) -> None:
         """Append records inside the caller's transaction (used for writes: both commit or neither)."""
         if not records:
             return
-        head = schema.audit_head
-        stmt = select(head.c.seq, head.c.hash).where(head.c.id == 1)
-        if not self.sqlite:
-            stmt = stmt.with_for_update()
-        seq, prev = conn.execute(stmt).one()
+        seq, prev = conn.execute(_HEAD if self.sqlite else _HEAD_LOCKED).one()
         rows: list[dict[str, Any]] = []
         patients: list[dict[str, Any]] = []
         for rec in records:
@@ -219,52 +226,80 @@ class AuditTrail:
         conn.execute(insert(schema.audit_log), rows)
         if patients:
             conn.execute(insert(schema.audit_patient), patients)
-        conn.execute(update(head).where(head.c.id == 1).values(seq=seq, hash=prev))
+        conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
+
+    def submit(self, record: AuditRecord, waited: bool = True) -> Future[None]:
+        """Queue a record of a read-type interaction; the future resolves once it is committed (group commit).
+
+        `waited`: a caller holds its answer until the commit, so a final failure is reported to it (and the
+        record, of an answer never given, is dropped); an unwaited record is kept and retried instead."""
+        record.recorded = record.recorded or now_us()
+        done: Future[None] = Future()
+        with self._wake:
+            self._pending.append((record, done, waited))
+            self._wake.notify()
+        if self._thread is None or not self._thread.is_alive():
+            self._ensure_thread()
+        return done
 
     def record(self, record: AuditRecord) -> None:
-        """Queue a record from a read-type interaction; flushed within FLUSH_SECONDS."""
-        record.recorded = record.recorded or now_us()
-        self._queue.put(record)
-        self._ensure_thread()
+        """Append a record and return when it is durable."""
+        self.submit(record).result()
 
     def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            with self._lock:
-                if self._thread is None or not self._thread.is_alive():
-                    self._stop.clear()
-                    self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-                    self._thread.start()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._stop.wait(FLUSH_SECONDS)
+        while True:
+            with self._wake:
+                while not self._pending and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and not self._pending:
+                    return
             try:
                 self.flush()
-            except Exception:  # the batch went back to the queue; try again on the next tick
-                logger.exception("audit: flush failed; will retry")
+            except Exception:  # waiters were failed, unwaited records re-queued: pause before retrying
+                logger.exception("audit: commit failed")
+                with self._wake:
+                    self._wake.wait(1.0)
 
     def flush(self) -> None:
+        """Commit everything pending now (and wait for a batch already in flight)."""
         with self._flush_lock:
-            batch: list[AuditRecord] = []
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            with self._wake:
+                batch, self._pending = self._pending, []
             if not batch:
                 return
-            try:
-                with self.engine.begin() as conn:
-                    self.record_in(conn, batch)
-            except Exception:
-                for rec in batch:  # never drop an audit record: back in the queue, in order
-                    self._queue.put(rec)
-                raise
+            records = [rec for rec, _, _ in batch]
+            for attempt in range(COMMIT_ATTEMPTS):
+                try:
+                    with self.engine.begin() as conn:
+                        self.record_in(conn, records)
+                    break
+                except Exception as exc:
+                    if attempt == COMMIT_ATTEMPTS - 1:
+                        kept = [item for item in batch if not item[2]]
+                        with self._wake:  # never drop a record nobody waits for: back in front, in order
+                            self._pending[:0] = kept
+                        for _, done, waited in batch:  # nobody may be answered on an unwritten record
+                            if waited:
+                                done.set_exception(exc)
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
+            for _, done, _ in batch:
+                done.set_result(None)
 
     def close(self) -> None:
-        self._stop.set()
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            self._thread = None
         self.flush()
 
     # ---- reading -------------------------------------------------------------

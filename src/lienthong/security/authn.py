@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, insert
@@ -23,7 +24,7 @@ from lienthong.security import scopes as smart
 from lienthong.security.accounts import Accounts, Client, LoginFailed, User
 from lienthong.security.policy import BTG_MINUTES, AccessGuard, Principal
 from lienthong.security.roles import ROLES
-from lienthong.security.tokens import Claims, TokenError, TokenService
+from lienthong.security.tokens import Claims, NeedsIO, TokenError, TokenService
 from lienthong.storage import schema
 
 USER_CACHE_S = 5.0
@@ -37,6 +38,12 @@ ROLE_GRANTS = {
     "province-admin": "user/Organization.rs user/Endpoint.rs",
     "auditor": "user/AuditEvent.rs",
 }
+
+
+@lru_cache(maxsize=1024)
+def _token_scopes(text: str) -> tuple[smart.Scope, ...]:
+    """A token's resource scopes, parsed once per distinct scope string rather than on every request."""
+    return tuple(smart.parse_scopes(text)[0])
 
 
 def unauthorized(vi: str, en: str) -> FhirError:
@@ -117,49 +124,55 @@ class Authenticator:
         return TokenResponse(token, claims.expires - int(time.time()), smart.render(final), {})
 
     # ---- per request -------------------------------------------------------------
-    def principal(self, ctx: Context, authorization: str | None) -> Principal:
+    def principal(self, ctx: Context, authorization: str | None, io: bool = True) -> Principal:
+        """The caller behind a bearer token. With io=False only caches are used, and NeedsIO is raised when
+        the database must be read (cold cache, revocation list due for refresh)."""
         if not authorization or not authorization.lower().startswith("bearer "):
             raise unauthorized("Cần xác thực", "Authentication required: send Authorization: Bearer <token>")
         token = authorization[7:].strip()
         try:
-            claims = self.tokens.verify(token)
+            claims = self.tokens.verify(token, io)
         except TokenError as exc:
             self.guard.on_access(ctx, AuditFacts("refused", outcome=4, detail=f"token rejected: {exc}"))
             raise unauthorized("Token không hợp lệ", str(exc)) from None
         if claims.raw.get("kind") == "client":
-            client = self._client(claims.subject)
+            client = self._client(claims.subject, io)
             if client is None or client.disabled:
                 raise unauthorized("Máy khách bị vô hiệu", "Client disabled")
-            resource_scopes, _ = smart.parse_scopes(str(claims.raw.get("scope", "")))
-            return Principal("client", client.client_id, client.client_id, resource_scopes, client.facility,
+            return Principal("client", client.client_id, client.client_id,
+                             list(_token_scopes(str(claims.raw.get("scope", "")))), client.facility,
                              token=claims)
-        user = self._user(claims.subject)
+        user = self._user(claims.subject, io)
         if user is None or user.disabled:
             raise unauthorized("Tài khoản bị khoá", "Account disabled")
-        return self._user_principal(claims, user)
+        return self._user_principal(claims, user, io)
 
-    def _user_principal(self, claims: Claims, user: User) -> Principal:
-        resource_scopes, _ = smart.parse_scopes(str(claims.raw.get("scope", "")))
+    def _user_principal(self, claims: Claims, user: User, io: bool = True) -> Principal:
+        resource_scopes = list(_token_scopes(str(claims.raw.get("scope", ""))))
         roles = tuple(a.role for a in user.active_roles() if a.role in ROLES)
         return Principal("user", user.username, user.user_id, resource_scopes, user.facility, roles,
                          user.practitioner_id, claims.raw.get("patient"),
-                         self.guard.break_glass_grants(user.user_id, self.engine), token=claims)
+                         self.guard.break_glass_grants(user.user_id, self.engine, io), token=claims)
 
-    def _client(self, client_id: str) -> Client | None:
+    def _client(self, client_id: str, io: bool = True) -> Client | None:
         now = time.monotonic()
         cached = self._clients.get(client_id)
         if cached is not None and now - cached[0] < USER_CACHE_S:
             return cached[1]
+        if not io:
+            raise NeedsIO
         client = self.accounts.get_client(client_id)
         with self._lock:
             self._clients[client_id] = (now, client)
         return client
 
-    def _user(self, user_id: str) -> User | None:
+    def _user(self, user_id: str, io: bool = True) -> User | None:
         now = time.monotonic()
         cached = self._users.get(user_id)
         if cached is not None and now - cached[0] < USER_CACHE_S:
             return cached[1]
+        if not io:
+            raise NeedsIO
         user = self.accounts.get_user(user_id=user_id)
         with self._lock:
             self._users[user_id] = (now, user)
@@ -201,4 +214,4 @@ def _anonymous(ctx: Context, actor: str, kind: str = "user") -> Context:
 
 def _as(ctx: Context, principal: Principal) -> Context:
     return Context(base_url=ctx.base_url, strict=ctx.strict, address=ctx.address, extra=ctx.extra,
-                   principal=principal)
+                   principal=principal, audit_waits=ctx.audit_waits)

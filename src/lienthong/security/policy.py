@@ -29,6 +29,7 @@ from lienthong.interactions.guard import AuditFacts
 from lienthong.security.audit import AuditRecord, AuditTrail
 from lienthong.security.roles import ROLES
 from lienthong.security.scopes import Scope, allows
+from lienthong.security.tokens import NeedsIO
 from lienthong.storage import schema
 from lienthong.storage.engine import read_connection
 from lienthong.storage.repository import Store, Stored
@@ -257,7 +258,9 @@ class AccessGuard:
         return out
 
     def on_access(self, ctx: Context, facts: AuditFacts) -> None:
-        self.audit.record(self._record(ctx, facts))
+        done = self.audit.submit(self._record(ctx, facts), waited=ctx.audit_waits is not None)
+        if ctx.audit_waits is not None:  # the transport answers only once the record is committed
+            ctx.audit_waits.append(done)
 
     def _record(self, ctx: Context, facts: AuditFacts) -> AuditRecord:
         p = ctx.principal if isinstance(ctx.principal, Principal) else None
@@ -272,11 +275,13 @@ class AccessGuard:
             break_glass=bool(p and p.break_glass and patients & p.break_glass), remote=facts.remote)
 
     # ---- break the glass -------------------------------------------------------
-    def break_glass_grants(self, user_id: str, store_engine: Any) -> frozenset[str]:
+    def break_glass_grants(self, user_id: str, store_engine: Any, io: bool = True) -> frozenset[str]:
         now = time.monotonic()
         cached = self._btg_cache.get(user_id)
         if cached is not None and now - cached[0] < 5:
             return cached[1]
+        if not io:
+            raise NeedsIO
         bg = schema.break_glass
         with read_connection(store_engine) as conn:
             ids = frozenset(r[0] for r in conn.execute(select(bg.c.patient_id).where(

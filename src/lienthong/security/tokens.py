@@ -3,13 +3,15 @@
 Why ES256 via joserfc: small signatures over slow links and a maintained
 implementation (no hand-rolled cryptography). Keys live in the node's database,
 never in the repository; a rotated key keeps verifying until the tokens it
-signed expire. Verified tokens are cached for their lifetime so that a read does
-not pay for an ECDSA verification each time; revocation clears the cache entry
-at once and is re-read from the database every few seconds for other workers.
+signed expire. Verified tokens are cached by their SHA-256 for their lifetime so
+that a read does not pay for an ECDSA verification each time; a revocation here
+takes effect at once, and the revocation list is re-read from the database every
+REVOCATION_REFRESH_S for revocations made by other workers or nodes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 import time
@@ -33,6 +35,13 @@ KEY_REFRESH_S = 60.0
 
 class TokenError(Exception):
     """The token is missing, malformed, forged, expired, for another audience, or revoked."""
+
+
+class NeedsIO(Exception):
+    """The answer needs the database (a cache is cold or due for refresh): ask again where blocking is fine.
+
+    Why: the HTTP layer first tries to authenticate on the event loop from caches alone, which saves a
+    thread-pool hop per request, and falls back to a worker thread only when this is raised."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,7 @@ class TokenService:
         self._lock = threading.Lock()
         self._signing: ECKey | None = None
         self._keyset: KeySet | None = None
-        self._cache: dict[str, Claims] = {}
+        self._cache: dict[bytes, Claims] = {}  # sha256(token) -> verified claims
         self._revoked: set[str] = set()
         self._revoked_at = 0.0
         self._loaded_at = 0.0
@@ -124,13 +133,18 @@ class TokenService:
         token = jwt.encode({"alg": "ES256", "kid": self._signing.kid}, body, self._signing)
         return token, Claims(body)
 
-    def verify(self, token: str) -> Claims:
-        cached = self._cache.get(token)
+    def verify(self, token: str, io: bool = True) -> Claims:
+        """The token's claims, or TokenError. With io=False, NeedsIO when the database must be read."""
+        key = hashlib.sha256(token.encode()).digest()
+        cached = self._cache.get(key)
         now = time.time()
-        self._refresh_revocations(now)
+        if now - self._revoked_at >= REVOCATION_REFRESH_S or cached is None:
+            if not io:
+                raise NeedsIO
+            self._refresh_revocations(now)
         if cached is not None:
             if cached.expires <= now:
-                self._cache.pop(token, None)
+                self._cache.pop(key, None)
                 raise TokenError("token đã hết hạn / token expired")
             if cached.jti in self._revoked:
                 raise TokenError("token đã bị thu hồi / token revoked")
@@ -150,7 +164,7 @@ class TokenService:
             raise TokenError("token đã bị thu hồi / token revoked")
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[token] = claims
+        self._cache[key] = claims
         return claims
 
     def revoke(self, claims: Claims) -> None:

@@ -44,6 +44,11 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        # As many pooled connections as concurrent requests and writers use: an overflow connection is
+        # opened (file, pragmas) and closed again per checkout, which dominated 16-client reads.
+        if parsed.database and parsed.database != ":memory:":
+            kwargs.setdefault("pool_size", 20)
+            kwargs.setdefault("max_overflow", 20)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
 
         @event.listens_for(engine, "connect")

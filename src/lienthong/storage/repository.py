@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, delete, false, func, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, false, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from lienthong.fhir.datetimes import format_instant, now_us
@@ -51,6 +51,17 @@ class Stored:
     @property
     def etag(self) -> str:
         return f'W/"{self.version}"'
+
+
+# The read-by-id statement, built once: constructing it per call cost about a tenth of a read.
+_CURRENT = (
+    select(schema.resource.c.res_pk, schema.resource.c.rtype, schema.resource.c.rid, schema.resource.c.version,
+           schema.resource.c.last_updated, schema.resource.c.deleted, schema.resource_version.c.body,
+           schema.resource_version.c.method)
+    .join(schema.resource_version, (schema.resource_version.c.res_pk == schema.resource.c.res_pk)
+          & (schema.resource_version.c.version == schema.resource.c.version))
+    .where(schema.resource.c.rtype == bindparam("rtype"), schema.resource.c.rid == bindparam("rid"))
+)
 
 
 def new_id() -> str:
@@ -100,17 +111,12 @@ class Store:
     def current(self, rtype: str, rid: str, lock: bool = False) -> Stored | None:
         """The current version (possibly a delete marker), or None if the id was never used."""
         self.flush()
-        r, v = schema.resource, schema.resource_version
+        r = schema.resource
         if lock and not self.db.sqlite:
             # Lock the pointer row alone first: a FOR UPDATE over the join would, once the previous lock
             # holder commits a new version, re-check the join against the old version and find nothing.
             self.conn.execute(select(r.c.res_pk).where(r.c.rtype == rtype, r.c.rid == rid).with_for_update())
-        stmt = (
-            select(r.c.res_pk, r.c.rtype, r.c.rid, r.c.version, r.c.last_updated, r.c.deleted, v.c.body, v.c.method)
-            .join(v, (v.c.res_pk == r.c.res_pk) & (v.c.version == r.c.version))
-            .where(r.c.rtype == rtype, r.c.rid == rid)
-        )
-        row = self.conn.execute(stmt).first()
+        row = self.conn.execute(_CURRENT, {"rtype": rtype, "rid": rid}).first()
         return Stored(*row) if row else None
 
     def version(self, rtype: str, rid: str, version: int) -> Stored | None:
