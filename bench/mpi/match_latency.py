@@ -147,10 +147,10 @@ def make_population(n: int, q: int, seed: int) -> tuple[list[Any], list[Any]]:
 class BatchedIndex:
     """The patient-index hook of `IdentityService`, batched: same rows, written once per transaction.
 
-    Production (`--index hook`) runs 2 DELETEs + 2 INSERTs per Patient inside the write (about
-    5 ms/patient of round trips here). For a bulk load of new Patients the DELETEs find nothing, so
-    this buffers exactly the rows `IdentityService._index_patient` would insert (same `to_person`,
-    `_record_json`, `blocking_keys`, same key truncation) and COPYs them at the end of each
+    Production (`--index hook`) runs 2 INSERTs per new Patient inside the write (2 DELETEs more on
+    an update; about 5 ms/patient of round trips here). For a bulk load of new Patients this buffers
+    exactly the rows `IdentityService._index_patient` would insert (same `to_person`, `_record_json`,
+    `_derived_json`, `blocking_keys`, same key truncation) and COPYs them at the end of each
     transaction. `--verify-index` checks the result equals the hook's row for row.
     """
 
@@ -179,7 +179,7 @@ class BatchedIndex:
 
     def hook(self, store: Any, rtype: str, rid: str, resource: Any) -> None:
         from lienthong.identity.fhir_mapping import to_person
-        from lienthong.identity.service import _is_golden, _record_json, _replaced
+        from lienthong.identity.service import _derived_json, _is_golden, _record_json, _replaced
 
         if rtype != "Patient":
             return
@@ -188,12 +188,12 @@ class BatchedIndex:
         if _is_golden(resource) or _replaced(resource):
             return
         record = to_person(resource, rid)
-        self.people.append((rid, _record_json(record), store.now))
+        self.people.append((rid, _record_json(record), _derived_json(record), store.now))
         self.blocks.extend((k[:160], rid) for k in sorted(set(self.identity.model.blocking_keys(record))))
 
     def flush(self, store: Any) -> None:
         store.flush()
-        store._bulk("mpi_person", ("patient_id", "record", "updated"), self.people)
+        store._bulk("mpi_person", ("patient_id", "record", "derived", "updated"), self.people)
         store._bulk("mpi_block", ("key", "patient_id"), self.blocks)
         self.people, self.blocks = [], []
 
@@ -261,8 +261,8 @@ def verify_index(node: Any, sample: int) -> int:
     p, b = schema.mpi_person, schema.mpi_block
 
     def rows(conn: Any, rid: str) -> tuple[Any, list[str]]:
-        rec = conn.execute(select(p.c.record).where(p.c.patient_id == rid)).scalar_one_or_none()
-        return rec, sorted(conn.execute(select(b.c.key).where(b.c.patient_id == rid)).scalars())
+        rec = conn.execute(select(p.c.record, p.c.derived).where(p.c.patient_id == rid)).one_or_none()
+        return tuple(rec) if rec else None, sorted(conn.execute(select(b.c.key).where(b.c.patient_id == rid)).scalars())
 
     with node.db.engine.connect() as conn:
         trans = conn.begin()
@@ -273,7 +273,7 @@ def verify_index(node: Any, sample: int) -> int:
                 before = rows(conn, rid)
                 current = store.current("Patient", rid)
                 assert current is not None
-                node.identity._index_patient(store, "Patient", rid, current.resource())
+                node.identity._index_patient(store, "Patient", rid, current.resource(), replace=True)
                 after = rows(conn, rid)
                 if before != after:
                     raise SystemExit(f"batched index differs from the hook for Patient/{rid}: {before} != {after}")
@@ -335,16 +335,16 @@ class Probe:
         self.candidate_ids: list[str] = []
 
     def __enter__(self) -> Probe:
-        def candidates(store: Any, record: Any, exclude: Any = None) -> Any:
+        def candidates(store: Any, record: Any, *args: Any, **kwargs: Any) -> Any:
             t = time.perf_counter()
-            found = self.real_candidates(store, record, exclude)
+            found = self.real_candidates(store, record, *args, **kwargs)
             self.candidate_ms += (time.perf_counter() - t) * 1000
             self.candidate_ids = [c.record_id for c in found]
             return found
 
-        def score(record: Any, found: Any) -> Any:
+        def score(record: Any, found: Any, **kwargs: Any) -> Any:
             t = time.perf_counter()
-            out = self.real_score(record, found)
+            out = self.real_score(record, found, **kwargs)
             self.score_ms += (time.perf_counter() - t) * 1000
             return out
 
@@ -513,53 +513,33 @@ def main() -> None:
                     help="after a batched load, re-run the production hook on K Patients and compare (0: skip)")
     ap.add_argument("--cprofile", help="write a cProfile of the in-process query loop to this file")
     ap.add_argument("--keep", action="store_true", help="keep the database and print its URL (Ctrl-C to stop)")
+    ap.add_argument("--url", help="measure on a database kept by an earlier `--keep` run with the same --patients "
+                                  "and --seed (skips the load; the population is regenerated for the ground truth)")
     args = ap.parse_args()
 
-    pg = None
-    tmp = None
     is_pg = args.db == "postgresql"
     result: dict[str, Any] = {"patients": args.patients, "db": args.db, "queries": args.queries,
                               "seed": args.seed, "batch": args.batch, "source": source_version()}
-    try:
+    with contextlib.ExitStack() as cleanup:
         t = time.perf_counter()
         load, queries = make_population(args.patients, args.queries, args.seed)
         result["generate_s"] = round(time.perf_counter() - t, 1)
         log(f"generated {len(load):,} records to load + {len(queries):,} held-out queries in {result['generate_s']} s")
 
-        t = time.perf_counter()
-        if is_pg:
-            from lienthong.devtools.pgserver import PostgresServer
-
-            pg = PostgresServer()
-            pg.start()
-            url = pg.create_database("mpi_bench")
-            result["db_settings"] = "PostgreSQL (pgserver fast mode: fsync=off, synchronous_commit=off)"
+        if args.url:
+            url = args.url
+            result.update(db_start_s=0.0, load_s=0.0, load_per_s=0.0, workers=0, index=args.index, analyze_s=0.0,
+                          setup_s=result["generate_s"], reused_database=True)
         else:
-            tmp = tempfile.mkdtemp(prefix="lienthong-mpi-bench-")
-            url = f"sqlite:///{tmp}/mpi.db"
-            result["db_settings"] = "SQLite WAL, synchronous=NORMAL"
-        from lienthong.node import open_database
-
-        open_database(url).engine.dispose()  # migrate once, before the loaders fork
-        result["db_start_s"] = round(time.perf_counter() - t, 1)
-
-        workers = max(1, args.workers) if is_pg else 1
-        _LOAD[:] = load
-        log(f"loading with {workers} process(es), transaction Bundles of {args.batch}, {args.index} index")
-        load_s = bulk_load(url, args.batch, workers, args.index)
-        result.update(load_s=round(load_s, 1), load_per_s=round(len(load) / load_s, 1), workers=workers,
-                      index=args.index)
-        result["analyze_s"] = round(analyze(url, is_pg), 1)
-        result["setup_s"] = round(result["generate_s"] + result["db_start_s"] + load_s + result["analyze_s"], 1)
+            url = setup_database(args, result, load, is_pg, cleanup)
         result["sizes"] = table_sizes(url, is_pg)
-        log(f"load {load_s:.0f} s ({result['load_per_s']:,.0f}/s), analyze {result['analyze_s']} s, "
-            f"sizes {result['sizes']}")
+        log(f"sizes {result['sizes']}")
 
         from lienthong.api.app import ApiSettings
-        from lienthong.node import build_node
+        from lienthong.node import build_node, open_database
 
         node = build_node(open_database(url, upgrade=False), ApiSettings(), secure=False)
-        if args.index == "batched" and args.verify_index:
+        if args.index == "batched" and args.verify_index and not args.url:
             result["index_verified_patients"] = verify_index(node, args.verify_index)
             log(f"batched index equals the production hook's on {result['index_verified_patients']} patients")
         truth_of = stored_truth(node, load)
@@ -584,11 +564,40 @@ def main() -> None:
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     time.sleep(3600)
-    finally:
-        if pg is not None:
-            pg.stop()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def setup_database(args: argparse.Namespace, result: dict[str, Any], load: list[Any], is_pg: bool,
+                   cleanup: contextlib.ExitStack) -> str:
+    """Start a throw-away database (stopped/removed by `cleanup`), bulk-load `load` and ANALYZE it."""
+    t = time.perf_counter()
+    if is_pg:
+        from lienthong.devtools.pgserver import PostgresServer
+
+        pg = PostgresServer()
+        pg.start()
+        cleanup.callback(pg.stop)
+        url = pg.create_database("mpi_bench")
+        result["db_settings"] = "PostgreSQL (pgserver fast mode: fsync=off, synchronous_commit=off)"
+    else:
+        tmp = tempfile.mkdtemp(prefix="lienthong-mpi-bench-")
+        cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+        url = f"sqlite:///{tmp}/mpi.db"
+        result["db_settings"] = "SQLite WAL, synchronous=NORMAL"
+    from lienthong.node import open_database
+
+    open_database(url).engine.dispose()  # migrate once, before the loaders fork
+    result["db_start_s"] = round(time.perf_counter() - t, 1)
+
+    workers = max(1, args.workers) if is_pg else 1
+    _LOAD[:] = load
+    log(f"loading with {workers} process(es), transaction Bundles of {args.batch}, {args.index} index")
+    load_s = bulk_load(url, args.batch, workers, args.index)
+    result.update(load_s=round(load_s, 1), load_per_s=round(len(load) / load_s, 1), workers=workers,
+                  index=args.index)
+    result["analyze_s"] = round(analyze(url, is_pg), 1)
+    result["setup_s"] = round(result["generate_s"] + result["db_start_s"] + load_s + result["analyze_s"], 1)
+    log(f"load {load_s:.0f} s ({result['load_per_s']:,.0f}/s), analyze {result['analyze_s']} s")
+    return url
 
 
 def source_version() -> str:
