@@ -513,6 +513,8 @@ def main() -> None:
                     help="after a batched load, re-run the production hook on K Patients and compare (0: skip)")
     ap.add_argument("--cprofile", help="write a cProfile of the in-process query loop to this file")
     ap.add_argument("--keep", action="store_true", help="keep the database and print its URL (Ctrl-C to stop)")
+    ap.add_argument("--no-settle", action="store_true",
+                    help="measure without `lienthong.node.settle` (warm-up + gc.freeze), as before it existed")
     ap.add_argument("--url", help="measure on a database kept by an earlier `--keep` run with the same --patients "
                                   "and --seed (skips the load; the population is regenerated for the ground truth)")
     args = ap.parse_args()
@@ -548,6 +550,10 @@ def main() -> None:
         _LOAD.clear()
         del load
         gc.collect()
+        if not args.no_settle:
+            from lienthong.node import settle
+
+            settle(node).join()  # as `lienthong serve` does before serving
         log(f"measuring {len(queries)} in-process $match calls")
         load_before = os.getloadavg()
         result["in_process"] = measure(node, queries, truth_of, args.cprofile, loaded_cccd)

@@ -93,6 +93,11 @@ class IdentityService:
         # Called after a review decision commits: (review id, decision, left id, right id, context).
         self.on_decided: list[Callable[[str, str, str, str, Context], None]] = []
 
+    def warm_up(self) -> None:
+        """Load the normalisation tables (administrative units, names) now rather than on a request."""
+        derive(PersonRecord("warm-up", full_name="Nguyễn Văn An", birth_date="1980-05-02", address="thôn 1",
+                            locality="Lục Ngạn", district="Lục Ngạn", province="Bắc Giang"))
+
     # ---- the index -------------------------------------------------------------
     def _index_patient(self, store: Store, rtype: str, rid: str, resource: JSON | None, *,
                        replace: bool = False) -> None:
