@@ -1,6 +1,8 @@
 """Online Patient/$match latency of the patient index at scale (1,000,000 patients by default).
 
 Run: `python bench/mpi/match_latency.py [--patients N] [--db postgresql|sqlite] [--queries Q]`
+Reuse a database kept by `--keep`: `--url URL` (same --patients/--seed); compare code versions back to
+back on it by running this script with another `PYTHONPATH` (`--no-settle` for sources without `settle`).
 
 1. Generate N + Q synthetic records (`lienthong.identity.synth.generate`, seeded, with ground
    truth). Q of them - corrupted duplicates of a person who keeps at least one other record -
@@ -13,12 +15,13 @@ Run: `python bench/mpi/match_latency.py [--patients N] [--db postgresql|sqlite] 
    entries through `BundleProcessor(node.service)` in `--workers` forked processes (one on
    SQLite, which has a single writer). ANALYZE afterwards. This is setup, timed separately.
 4. Measure: Q `$match` calls in-process through `node.identity.match(Context(), parameters)`
-   (after a short warm-up; the matcher's per-process caches start cold because the load ran in
-   child processes), then `--http-queries` of them through the ASGI app (starlette TestClient,
-   in-process, so it adds routing/JSON but no network). Per-query phases are timed by wrapping
+   (after `lienthong.node.settle`, as `lienthong serve` does, and a short warm-up; the matcher's
+   per-process caches start cold because the load ran in child processes), then `--http-queries`
+   of them through the ASGI app (starlette TestClient, in-process, so it adds routing/JSON but no
+   network). Per-query phases are timed by wrapping
    `IdentityService.candidates` and `MatchModel.score` (no source change).
 5. Sanity: the fraction of queries whose top result belongs to the true person, and whose true
-   person is among the retrieved candidates at all.
+   person is among the retrieved candidates at all (and within the first 10/25/50/100 of them).
 
 Prints a markdown table on stdout (progress on stderr) and merges the run into
 bench/results/mpi_match.json under the key "<db>-<N>" ("<db>-<N>-hook-index" with `--index hook`).
@@ -376,6 +379,7 @@ def measure(node: Any, queries: list[Any], truth_of: dict[str, str], profile: st
     parse_name.cache_clear()
     lat, cand_ms, score_ms, n_cand, n_results = [], [], [], [], []
     top_ok = in_cand = certain_ok = cccd_queries = cccd_certain = 0
+    ranks: list[int] = []  # position of the true person among the candidates, where present
     profiler = cProfile.Profile() if profile else None
     gc.collect()
     pauses: list[float] = []  # garbage-collector pauses inside the measured loop (ms, generation 2 only)
@@ -407,8 +411,10 @@ def measure(node: Any, queries: list[Any], truth_of: dict[str, str], profile: st
                 top_ok += 1
                 if entries[0]["search"]["extension"][0]["valueCode"] == "certain":
                     certain_ok += 1
-            if any(truth_of.get(c) == want for c in probe.candidate_ids):
+            rank = next((k for k, c in enumerate(probe.candidate_ids, 1) if truth_of.get(c) == want), None)
+            if rank is not None:
                 in_cand += 1
+                ranks.append(rank)
             if s.record.national_id and (want, s.record.national_id) in loaded_cccd:
                 cccd_queries += 1  # a stored record of this person carries the same CCCD: must be "certain"
                 cccd_certain += any(truth_of.get(_rid(e)) == want and e["search"]["extension"][0]["valueCode"]
@@ -428,11 +434,12 @@ def measure(node: Any, queries: list[Any], truth_of: dict[str, str], profile: st
         "rest_ms": summary([a - b - c for a, b, c in zip(lat, cand_ms, score_ms, strict=True)]),
         "candidates": {"mean": round(sum(n_cand) / q, 1), "p50": percentile(n_cand, 50),
                        "p95": percentile(n_cand, 95), "max": max(n_cand),
-                       "capped_at_500": sum(1 for c in n_cand if c >= 500)},
+                       "capped_at_500": sum(1 for c in n_cand if c >= 500)},  # the cap before ranking
         "results_mean": round(sum(n_results) / q, 2),
         "top1_true_person": round(top_ok / q, 4),
         "top1_certain": round(certain_ok / q, 4),
         "true_person_in_candidates": round(in_cand / q, 4),
+        "true_person_within_first": {n: round(sum(1 for r in ranks if r <= n) / q, 4) for n in (10, 25, 50, 100)},
         "same_cccd_queries": cccd_queries,
         "same_cccd_found_certain": round(cccd_certain / cccd_queries, 4) if cccd_queries else None,
         "throughput_qps_1_thread": round(q / (sum(lat) / 1000), 1),
@@ -513,6 +520,7 @@ def main() -> None:
                     help="after a batched load, re-run the production hook on K Patients and compare (0: skip)")
     ap.add_argument("--cprofile", help="write a cProfile of the in-process query loop to this file")
     ap.add_argument("--keep", action="store_true", help="keep the database and print its URL (Ctrl-C to stop)")
+    ap.add_argument("--max-candidates", type=int, help="persons scored per query (default: the service's)")
     ap.add_argument("--no-settle", action="store_true",
                     help="measure without `lienthong.node.settle` (warm-up + gc.freeze), as before it existed")
     ap.add_argument("--url", help="measure on a database kept by an earlier `--keep` run with the same --patients "
@@ -541,6 +549,9 @@ def main() -> None:
         from lienthong.node import build_node, open_database
 
         node = build_node(open_database(url, upgrade=False), ApiSettings(), secure=False)
+        if args.max_candidates:
+            node.identity.max_candidates = args.max_candidates
+        result["max_candidates"] = getattr(node.identity, "max_candidates", 500)
         if args.index == "batched" and args.verify_index and not args.url:
             result["index_verified_patients"] = verify_index(node, args.verify_index)
             log(f"batched index equals the production hook's on {result['index_verified_patients']} patients")
@@ -610,6 +621,11 @@ def source_version() -> str:
     """The commit measured, and whether src/ had uncommitted changes (read before the loaders forked)."""
     import subprocess
 
+    import lienthong
+
+    imported = Path(lienthong.__file__).resolve().parents[1]
+    if imported != ROOT / "src":
+        return f"lienthong imported from {imported}"  # another checkout, e.g. the code before a change
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -640,9 +656,11 @@ def report(r: dict[str, Any]) -> None:
               f"{'' if top is None else f'{top:.1%}'} |")
     c = ip["candidates"]
     verdict = "meets" if ip["latency_ms"]["p95"] <= TARGET_P95_MS else "MISSES"
-    print(f"\nCandidates per query: mean {c['mean']}, p95 {c['p95']}, max {c['max']}, "
-          f"{c['capped_at_500']} queries hit the 500 cap. True person among candidates: "
-          f"{ip['true_person_in_candidates']:.1%}; top-1 certain (same CCCD) {ip['top1_certain']:.1%}; "
+    within = " / ".join(f"{v:.1%}" for v in ip["true_person_within_first"].values())
+    print(f"\nCandidates per query (at most {r['max_candidates']} ranked, plus identifier hits): mean {c['mean']}, "
+          f"p95 {c['p95']}, max {c['max']}, {c['capped_at_500']} queries reached 500. True person among "
+          f"candidates: {ip['true_person_in_candidates']:.1%} (within the first 10/25/50/100: {within}); "
+          f"top-1 certain (same CCCD) {ip['top1_certain']:.1%}; "
           f"queries whose person has a stored record with the same CCCD: {ip['same_cccd_queries']}, of which "
           f"graded certain: {ip['same_cccd_found_certain'] or 0:.1%}. Source: {r['source']}.")
     g = ip["gc_gen2_pauses"]

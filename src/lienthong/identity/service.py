@@ -88,6 +88,7 @@ class IdentityService:
         self.service = service
         self.db = service.db
         self.model = model or default_model()
+        self.max_candidates = MAX_CANDIDATES
         service.validators.append(check_identifiers)
         self.db.write_hooks.append(self._index_patient)
         # Called after a review decision commits: (review id, decision, left id, right id, context).
@@ -131,13 +132,13 @@ class IdentityService:
         return count
 
     def candidates(self, store: Store, record: PersonRecord, exclude: set[str] | None = None,
-                   limit: int = MAX_CANDIDATES) -> list[PersonRecord]:
+                   limit: int | None = None) -> list[PersonRecord]:
         """The persons sharing a blocking key with `record`, best first, in one statement.
 
         Why ranked in SQL: a common family name in a commune puts ~1,500 persons under one key, and
         scoring them all cost more than everything else in `$match`. Each shared key weighs 1/(its size),
         so a person sharing a rare key (name + birth year, birth date) outranks one who only shares the
-        crowded family + commune key; the `limit` best are scored. Identifier keys (CCCD, insurance,
+        crowded family + commune key; the `limit` (default `max_candidates`) best are scored. Identifier keys (CCCD, insurance,
         phone, other id) are decisive and always taken whole, beyond the limit.
         """
         keys = sorted({k[:160] for k in self.model.blocking_keys(record)})
@@ -145,7 +146,8 @@ class IdentityService:
             return []
         exact = [k for k in keys if k.split(":", 1)[0] in _IDENTIFIER_KEYS]
         store.flush()
-        rows = store.conn.execute(_CANDIDATES, {"keys": keys, "exact": exact, "limit": limit}).all()
+        rows = store.conn.execute(_CANDIDATES, {"keys": keys, "exact": exact,
+                                                "limit": limit or self.max_candidates}).all()
         return [_record_from(pid, text, derived) for pid, text, derived in rows if not exclude or pid not in exclude]
 
     # ---- $match ------------------------------------------------------------------
