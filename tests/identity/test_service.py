@@ -299,6 +299,14 @@ def test_the_index_keeps_normalised_values_and_match_trusts_only_their_version(c
     assert graded(match(client, query)) == {an: "certain"}
 
 
+def test_rebuild_reindexes_first_versions_without_duplicating_them(client: TestClient) -> None:
+    """The write hook skips the DELETEs on a first version; `lienthong mpi index` re-indexes rows that exist."""
+    an = create(client, AN)
+    identity = client.app.state.node.identity  # type: ignore[attr-defined]
+    assert identity.rebuild() == 1
+    assert graded(match(client, AN_THIRD)) == {an: "certain"}
+
+
 def test_match_only_certain_and_count(client: TestClient) -> None:
     an = create(client, AN)
     create(client, AN_PLAIN)
