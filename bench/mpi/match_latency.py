@@ -1,6 +1,8 @@
 """Online Patient/$match latency of the patient index at scale (1,000,000 patients by default).
 
 Run: `python bench/mpi/match_latency.py [--patients N] [--db postgresql|sqlite] [--queries Q]`
+Reuse a database kept by `--keep`: `--url URL` (same --patients/--seed); compare code versions back to
+back on it by running this script with another `PYTHONPATH` (`--no-settle` for sources without `settle`).
 
 1. Generate N + Q synthetic records (`lienthong.identity.synth.generate`, seeded, with ground
    truth). Q of them - corrupted duplicates of a person who keeps at least one other record -
@@ -13,12 +15,13 @@ Run: `python bench/mpi/match_latency.py [--patients N] [--db postgresql|sqlite] 
    entries through `BundleProcessor(node.service)` in `--workers` forked processes (one on
    SQLite, which has a single writer). ANALYZE afterwards. This is setup, timed separately.
 4. Measure: Q `$match` calls in-process through `node.identity.match(Context(), parameters)`
-   (after a short warm-up; the matcher's per-process caches start cold because the load ran in
-   child processes), then `--http-queries` of them through the ASGI app (starlette TestClient,
-   in-process, so it adds routing/JSON but no network). Per-query phases are timed by wrapping
+   (after `lienthong.node.settle`, as `lienthong serve` does, and a short warm-up; the matcher's
+   per-process caches start cold because the load ran in child processes), then `--http-queries`
+   of them through the ASGI app (starlette TestClient, in-process, so it adds routing/JSON but no
+   network). Per-query phases are timed by wrapping
    `IdentityService.candidates` and `MatchModel.score` (no source change).
 5. Sanity: the fraction of queries whose top result belongs to the true person, and whose true
-   person is among the retrieved candidates at all.
+   person is among the retrieved candidates at all (and within the first 10/25/50/100 of them).
 
 Prints a markdown table on stdout (progress on stderr) and merges the run into
 bench/results/mpi_match.json under the key "<db>-<N>" ("<db>-<N>-hook-index" with `--index hook`).
@@ -147,10 +150,10 @@ def make_population(n: int, q: int, seed: int) -> tuple[list[Any], list[Any]]:
 class BatchedIndex:
     """The patient-index hook of `IdentityService`, batched: same rows, written once per transaction.
 
-    Production (`--index hook`) runs 2 DELETEs + 2 INSERTs per Patient inside the write (about
-    5 ms/patient of round trips here). For a bulk load of new Patients the DELETEs find nothing, so
-    this buffers exactly the rows `IdentityService._index_patient` would insert (same `to_person`,
-    `_record_json`, `blocking_keys`, same key truncation) and COPYs them at the end of each
+    Production (`--index hook`) runs 2 INSERTs per new Patient inside the write (2 DELETEs more on
+    an update; about 5 ms/patient of round trips here). For a bulk load of new Patients this buffers
+    exactly the rows `IdentityService._index_patient` would insert (same `to_person`, `_record_json`,
+    `_derived_json`, `blocking_keys`, same key truncation) and COPYs them at the end of each
     transaction. `--verify-index` checks the result equals the hook's row for row.
     """
 
@@ -179,7 +182,7 @@ class BatchedIndex:
 
     def hook(self, store: Any, rtype: str, rid: str, resource: Any) -> None:
         from lienthong.identity.fhir_mapping import to_person
-        from lienthong.identity.service import _is_golden, _record_json, _replaced
+        from lienthong.identity.service import _derived_json, _is_golden, _record_json, _replaced
 
         if rtype != "Patient":
             return
@@ -188,12 +191,12 @@ class BatchedIndex:
         if _is_golden(resource) or _replaced(resource):
             return
         record = to_person(resource, rid)
-        self.people.append((rid, _record_json(record), store.now))
+        self.people.append((rid, _record_json(record), _derived_json(record), store.now))
         self.blocks.extend((k[:160], rid) for k in sorted(set(self.identity.model.blocking_keys(record))))
 
     def flush(self, store: Any) -> None:
         store.flush()
-        store._bulk("mpi_person", ("patient_id", "record", "updated"), self.people)
+        store._bulk("mpi_person", ("patient_id", "record", "derived", "updated"), self.people)
         store._bulk("mpi_block", ("key", "patient_id"), self.blocks)
         self.people, self.blocks = [], []
 
@@ -261,8 +264,8 @@ def verify_index(node: Any, sample: int) -> int:
     p, b = schema.mpi_person, schema.mpi_block
 
     def rows(conn: Any, rid: str) -> tuple[Any, list[str]]:
-        rec = conn.execute(select(p.c.record).where(p.c.patient_id == rid)).scalar_one_or_none()
-        return rec, sorted(conn.execute(select(b.c.key).where(b.c.patient_id == rid)).scalars())
+        rec = conn.execute(select(p.c.record, p.c.derived).where(p.c.patient_id == rid)).one_or_none()
+        return tuple(rec) if rec else None, sorted(conn.execute(select(b.c.key).where(b.c.patient_id == rid)).scalars())
 
     with node.db.engine.connect() as conn:
         trans = conn.begin()
@@ -273,7 +276,7 @@ def verify_index(node: Any, sample: int) -> int:
                 before = rows(conn, rid)
                 current = store.current("Patient", rid)
                 assert current is not None
-                node.identity._index_patient(store, "Patient", rid, current.resource())
+                node.identity._index_patient(store, "Patient", rid, current.resource(), replace=True)
                 after = rows(conn, rid)
                 if before != after:
                     raise SystemExit(f"batched index differs from the hook for Patient/{rid}: {before} != {after}")
@@ -335,16 +338,16 @@ class Probe:
         self.candidate_ids: list[str] = []
 
     def __enter__(self) -> Probe:
-        def candidates(store: Any, record: Any, exclude: Any = None) -> Any:
+        def candidates(store: Any, record: Any, *args: Any, **kwargs: Any) -> Any:
             t = time.perf_counter()
-            found = self.real_candidates(store, record, exclude)
+            found = self.real_candidates(store, record, *args, **kwargs)
             self.candidate_ms += (time.perf_counter() - t) * 1000
             self.candidate_ids = [c.record_id for c in found]
             return found
 
-        def score(record: Any, found: Any) -> Any:
+        def score(record: Any, found: Any, **kwargs: Any) -> Any:
             t = time.perf_counter()
-            out = self.real_score(record, found)
+            out = self.real_score(record, found, **kwargs)
             self.score_ms += (time.perf_counter() - t) * 1000
             return out
 
@@ -376,6 +379,7 @@ def measure(node: Any, queries: list[Any], truth_of: dict[str, str], profile: st
     parse_name.cache_clear()
     lat, cand_ms, score_ms, n_cand, n_results = [], [], [], [], []
     top_ok = in_cand = certain_ok = cccd_queries = cccd_certain = 0
+    ranks: list[int] = []  # position of the true person among the candidates, where present
     profiler = cProfile.Profile() if profile else None
     gc.collect()
     pauses: list[float] = []  # garbage-collector pauses inside the measured loop (ms, generation 2 only)
@@ -407,8 +411,10 @@ def measure(node: Any, queries: list[Any], truth_of: dict[str, str], profile: st
                 top_ok += 1
                 if entries[0]["search"]["extension"][0]["valueCode"] == "certain":
                     certain_ok += 1
-            if any(truth_of.get(c) == want for c in probe.candidate_ids):
+            rank = next((k for k, c in enumerate(probe.candidate_ids, 1) if truth_of.get(c) == want), None)
+            if rank is not None:
                 in_cand += 1
+                ranks.append(rank)
             if s.record.national_id and (want, s.record.national_id) in loaded_cccd:
                 cccd_queries += 1  # a stored record of this person carries the same CCCD: must be "certain"
                 cccd_certain += any(truth_of.get(_rid(e)) == want and e["search"]["extension"][0]["valueCode"]
@@ -428,11 +434,12 @@ def measure(node: Any, queries: list[Any], truth_of: dict[str, str], profile: st
         "rest_ms": summary([a - b - c for a, b, c in zip(lat, cand_ms, score_ms, strict=True)]),
         "candidates": {"mean": round(sum(n_cand) / q, 1), "p50": percentile(n_cand, 50),
                        "p95": percentile(n_cand, 95), "max": max(n_cand),
-                       "capped_at_500": sum(1 for c in n_cand if c >= 500)},
+                       "capped_at_500": sum(1 for c in n_cand if c >= 500)},  # the cap before ranking
         "results_mean": round(sum(n_results) / q, 2),
         "top1_true_person": round(top_ok / q, 4),
         "top1_certain": round(certain_ok / q, 4),
         "true_person_in_candidates": round(in_cand / q, 4),
+        "true_person_within_first": {n: round(sum(1 for r in ranks if r <= n) / q, 4) for n in (10, 25, 50, 100)},
         "same_cccd_queries": cccd_queries,
         "same_cccd_found_certain": round(cccd_certain / cccd_queries, 4) if cccd_queries else None,
         "throughput_qps_1_thread": round(q / (sum(lat) / 1000), 1),
@@ -513,53 +520,39 @@ def main() -> None:
                     help="after a batched load, re-run the production hook on K Patients and compare (0: skip)")
     ap.add_argument("--cprofile", help="write a cProfile of the in-process query loop to this file")
     ap.add_argument("--keep", action="store_true", help="keep the database and print its URL (Ctrl-C to stop)")
+    ap.add_argument("--max-candidates", type=int, help="persons scored per query (default: the service's)")
+    ap.add_argument("--no-settle", action="store_true",
+                    help="measure without `lienthong.node.settle` (warm-up + gc.freeze), as before it existed")
+    ap.add_argument("--url", help="measure on a database kept by an earlier `--keep` run with the same --patients "
+                                  "and --seed (skips the load; the population is regenerated for the ground truth)")
     args = ap.parse_args()
 
-    pg = None
-    tmp = None
     is_pg = args.db == "postgresql"
     result: dict[str, Any] = {"patients": args.patients, "db": args.db, "queries": args.queries,
                               "seed": args.seed, "batch": args.batch, "source": source_version()}
-    try:
+    with contextlib.ExitStack() as cleanup:
         t = time.perf_counter()
         load, queries = make_population(args.patients, args.queries, args.seed)
         result["generate_s"] = round(time.perf_counter() - t, 1)
         log(f"generated {len(load):,} records to load + {len(queries):,} held-out queries in {result['generate_s']} s")
 
-        t = time.perf_counter()
-        if is_pg:
-            from lienthong.devtools.pgserver import PostgresServer
-
-            pg = PostgresServer()
-            pg.start()
-            url = pg.create_database("mpi_bench")
-            result["db_settings"] = "PostgreSQL (pgserver fast mode: fsync=off, synchronous_commit=off)"
+        if args.url:
+            url = args.url
+            result.update(db_start_s=0.0, load_s=0.0, load_per_s=0.0, workers=0, index=args.index, analyze_s=0.0,
+                          setup_s=result["generate_s"], reused_database=True)
         else:
-            tmp = tempfile.mkdtemp(prefix="lienthong-mpi-bench-")
-            url = f"sqlite:///{tmp}/mpi.db"
-            result["db_settings"] = "SQLite WAL, synchronous=NORMAL"
-        from lienthong.node import open_database
-
-        open_database(url).engine.dispose()  # migrate once, before the loaders fork
-        result["db_start_s"] = round(time.perf_counter() - t, 1)
-
-        workers = max(1, args.workers) if is_pg else 1
-        _LOAD[:] = load
-        log(f"loading with {workers} process(es), transaction Bundles of {args.batch}, {args.index} index")
-        load_s = bulk_load(url, args.batch, workers, args.index)
-        result.update(load_s=round(load_s, 1), load_per_s=round(len(load) / load_s, 1), workers=workers,
-                      index=args.index)
-        result["analyze_s"] = round(analyze(url, is_pg), 1)
-        result["setup_s"] = round(result["generate_s"] + result["db_start_s"] + load_s + result["analyze_s"], 1)
+            url = setup_database(args, result, load, is_pg, cleanup)
         result["sizes"] = table_sizes(url, is_pg)
-        log(f"load {load_s:.0f} s ({result['load_per_s']:,.0f}/s), analyze {result['analyze_s']} s, "
-            f"sizes {result['sizes']}")
+        log(f"sizes {result['sizes']}")
 
         from lienthong.api.app import ApiSettings
-        from lienthong.node import build_node
+        from lienthong.node import build_node, open_database
 
         node = build_node(open_database(url, upgrade=False), ApiSettings(), secure=False)
-        if args.index == "batched" and args.verify_index:
+        if args.max_candidates:
+            node.identity.max_candidates = args.max_candidates
+        result["max_candidates"] = getattr(node.identity, "max_candidates", 500)
+        if args.index == "batched" and args.verify_index and not args.url:
             result["index_verified_patients"] = verify_index(node, args.verify_index)
             log(f"batched index equals the production hook's on {result['index_verified_patients']} patients")
         truth_of = stored_truth(node, load)
@@ -568,6 +561,10 @@ def main() -> None:
         _LOAD.clear()
         del load
         gc.collect()
+        if not args.no_settle:
+            from lienthong.node import settle
+
+            settle(node).join()  # as `lienthong serve` does before serving
         log(f"measuring {len(queries)} in-process $match calls")
         load_before = os.getloadavg()
         result["in_process"] = measure(node, queries, truth_of, args.cprofile, loaded_cccd)
@@ -584,17 +581,51 @@ def main() -> None:
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     time.sleep(3600)
-    finally:
-        if pg is not None:
-            pg.stop()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def setup_database(args: argparse.Namespace, result: dict[str, Any], load: list[Any], is_pg: bool,
+                   cleanup: contextlib.ExitStack) -> str:
+    """Start a throw-away database (stopped/removed by `cleanup`), bulk-load `load` and ANALYZE it."""
+    t = time.perf_counter()
+    if is_pg:
+        from lienthong.devtools.pgserver import PostgresServer
+
+        pg = PostgresServer()
+        pg.start()
+        cleanup.callback(pg.stop)
+        url = pg.create_database("mpi_bench")
+        result["db_settings"] = "PostgreSQL (pgserver fast mode: fsync=off, synchronous_commit=off)"
+    else:
+        tmp = tempfile.mkdtemp(prefix="lienthong-mpi-bench-")
+        cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+        url = f"sqlite:///{tmp}/mpi.db"
+        result["db_settings"] = "SQLite WAL, synchronous=NORMAL"
+    from lienthong.node import open_database
+
+    open_database(url).engine.dispose()  # migrate once, before the loaders fork
+    result["db_start_s"] = round(time.perf_counter() - t, 1)
+
+    workers = max(1, args.workers) if is_pg else 1
+    _LOAD[:] = load
+    log(f"loading with {workers} process(es), transaction Bundles of {args.batch}, {args.index} index")
+    load_s = bulk_load(url, args.batch, workers, args.index)
+    result.update(load_s=round(load_s, 1), load_per_s=round(len(load) / load_s, 1), workers=workers,
+                  index=args.index)
+    result["analyze_s"] = round(analyze(url, is_pg), 1)
+    result["setup_s"] = round(result["generate_s"] + result["db_start_s"] + load_s + result["analyze_s"], 1)
+    log(f"load {load_s:.0f} s ({result['load_per_s']:,.0f}/s), analyze {result['analyze_s']} s")
+    return url
 
 
 def source_version() -> str:
     """The commit measured, and whether src/ had uncommitted changes (read before the loaders forked)."""
     import subprocess
 
+    import lienthong
+
+    imported = Path(lienthong.__file__).resolve().parents[1]
+    if imported != ROOT / "src":
+        return f"lienthong imported from {imported}"  # another checkout, e.g. the code before a change
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -625,9 +656,11 @@ def report(r: dict[str, Any]) -> None:
               f"{'' if top is None else f'{top:.1%}'} |")
     c = ip["candidates"]
     verdict = "meets" if ip["latency_ms"]["p95"] <= TARGET_P95_MS else "MISSES"
-    print(f"\nCandidates per query: mean {c['mean']}, p95 {c['p95']}, max {c['max']}, "
-          f"{c['capped_at_500']} queries hit the 500 cap. True person among candidates: "
-          f"{ip['true_person_in_candidates']:.1%}; top-1 certain (same CCCD) {ip['top1_certain']:.1%}; "
+    within = " / ".join(f"{v:.1%}" for v in ip["true_person_within_first"].values())
+    print(f"\nCandidates per query (at most {r['max_candidates']} ranked, plus identifier hits): mean {c['mean']}, "
+          f"p95 {c['p95']}, max {c['max']}, {c['capped_at_500']} queries reached 500. True person among "
+          f"candidates: {ip['true_person_in_candidates']:.1%} (within the first 10/25/50/100: {within}); "
+          f"top-1 certain (same CCCD) {ip['top1_certain']:.1%}; "
           f"queries whose person has a stored record with the same CCCD: {ip['same_cccd_queries']}, of which "
           f"graded certain: {ip['same_cccd_found_certain'] or 0:.1%}. Source: {r['source']}.")
     g = ip["gc_gen2_pauses"]

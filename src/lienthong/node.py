@@ -6,6 +6,8 @@ module (and the CLI that calls it) knows the whole assembly.
 
 from __future__ import annotations
 
+import gc
+import threading
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
@@ -77,6 +79,26 @@ def app_for(node: Node, settings: ApiSettings) -> Starlette:
     return app
 
 
+def settle(node: Node) -> threading.Thread:
+    """Before serving: freeze the start-up heap, and load the patient index's tables in the background.
+
+    Why: a full garbage collection walks every live object (~370,000 once the tables are loaded):
+    at 1 M patients those pauses made the p99 of `$match` ~0.9 s. `gc.freeze()` puts start-up
+    objects out of the collector's reach; whatever requests create is still collected as usual.
+    The normalisation tables (administrative units, names) cost ~2 s of CPU on first use, so a
+    thread loads them (then freezes them too) instead of the first request or the start-up path.
+    """
+    gc.freeze()
+
+    def warm_up() -> None:
+        node.identity.warm_up()
+        gc.freeze()
+
+    thread = threading.Thread(target=warm_up, name="lienthong-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def app_from_env() -> Starlette:
     """Build the app from the settings `lienthong serve` put in the environment (one per uvicorn worker)."""
     import os
@@ -91,4 +113,5 @@ def app_from_env() -> Starlette:
         from lienthong.exchange.service import attach_exchange
 
         attach_exchange(node, Path(config)).start()
+    settle(node)
     return app_for(node, settings)

@@ -641,16 +641,22 @@ class MatchModel:
             tuple(lines),
         )
 
-    def score(self, record: PersonRecord, candidates: Sequence[PersonRecord]) -> list[MatchResult]:
-        """Online use: score one incoming record against candidates (best first)."""
+    def score(self, record: PersonRecord, candidates: Sequence[PersonRecord], *, limit: int | None = None,
+              at_least: Decision = "no_match") -> list[MatchResult]:
+        """Online use: score one incoming record against candidates (best first).
+
+        Only the `limit` best pairs whose decision is at least `at_least` are returned: building an
+        explanation costs more than scoring the pair, and `$match` returns a handful.
+        """
         if not candidates:
             return []
         t = prepare([record], candidates)
         j = np.arange(1, len(candidates) + 1, dtype=np.int64)
         i = np.zeros(len(candidates), dtype=np.int64)
         scored = self.score_pairs(t, i, j)
-        results = [self.explain(t, scored, k) for k in range(len(candidates))]
-        return sorted(results, key=lambda r: -r.score)
+        order = np.argsort(-scored.score, kind="stable")
+        order = order[scored.decision[order] >= DECISIONS.index(at_least)][:limit]
+        return [self.explain(t, scored, int(k)) for k in order]
 
     def compare(self, a: PersonRecord, b: PersonRecord) -> MatchResult:
         """Score and explain a single pair."""

@@ -68,13 +68,38 @@ def _f(value: str | None) -> str:
     return fold(value) if value else ""
 
 
+DERIVED_VERSION: Final = 1
+"""Bump when `derive` changes its output: stored values of another version are recomputed, not trusted."""
+
+
+@dataclass(slots=True)
+class IndexedRecord(PersonRecord):
+    """A record read back from the patient index with the values `derive` stored at write time."""
+
+    derived: dict[str, str | int] | None = None
+
+
 def derive(record: PersonRecord) -> dict[str, str | int]:
     """Normalised comparison values of one record ("" / 0 = missing).
 
-    Cached on the field values: the online path sees the same candidates again and again.
-    The returned dict is shared; treat it as read-only.
+    Taken from the index when it stored them; otherwise cached on the field values (the online
+    path sees the same candidates again and again). The returned dict is shared; treat it as read-only.
     """
+    if isinstance(record, IndexedRecord) and record.derived is not None:
+        return record.derived
     return _derive(tuple(getattr(record, f) for f in MATCH_FIELDS))
+
+
+def stored_derived(values: dict[str, str | int]) -> dict[str, str | int]:
+    """`derive` output as the index stores it (with its version)."""
+    return {"_v": DERIVED_VERSION, **values}
+
+
+def load_derived(stored: dict[str, str | int]) -> dict[str, str | int] | None:
+    """Stored values back, or None if another version of `derive` wrote them."""
+    if stored.pop("_v", None) != DERIVED_VERSION:
+        return None
+    return stored
 
 
 @lru_cache(maxsize=50_000)  # ~100 MB at most; candidates of online queries repeat

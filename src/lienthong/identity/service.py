@@ -18,13 +18,13 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Select, bindparam, case, delete, func, insert, or_, select, update
 
 from lienthong.fhir.datetimes import now_us
 from lienthong.fhir.outcome import FhirError, error
 from lienthong.identity.fhir_mapping import check_identifiers, to_person
 from lienthong.identity.matching import MatchModel, MatchResult
-from lienthong.identity.records import MATCH_FIELDS, PersonRecord
+from lienthong.identity.records import MATCH_FIELDS, IndexedRecord, PersonRecord, derive, load_derived, stored_derived
 from lienthong.interactions.context import Context
 from lienthong.interactions.guard import AuditFacts
 from lienthong.interactions.service import FhirService
@@ -34,8 +34,26 @@ from lienthong.storage.repository import JSON, Store, Stored
 MATCH_GRADE = "http://hl7.org/fhir/StructureDefinition/match-grade"
 ENTERPRISE_SYSTEM = "https://lienthong.vn/fhir/sid/eid"
 GOLDEN_TAG = {"system": "https://lienthong.vn/fhir/CodeSystem/mpi", "code": "golden", "display": "Hồ sơ gốc / Golden record"}
-MAX_CANDIDATES = 500
+MAX_CANDIDATES = 100  # scored per $match; see `IdentityService.candidates` and docs/benchmarks.md
 _IDENTIFIER_KEYS = frozenset({"id", "si", "ph", "ox"})
+
+
+def _candidates_statement() -> Select[str, str, str | None]:
+    """Built once with bound parameters, so SQLAlchemy compiles it once (see `IdentityService.candidates`)."""
+    b, p = schema.mpi_block, schema.mpi_person
+    hits = (select(b.c.patient_id, b.c.key, func.count().over(partition_by=b.c.key).label("size"))
+            .where(b.c.key.in_(bindparam("keys", expanding=True))).subquery())
+    is_exact = case((hits.c.key.in_(bindparam("exact", expanding=True)), 1), else_=0)
+    per_person = (select(hits.c.patient_id, func.max(is_exact).label("exact"),
+                         func.sum(1.0 / hits.c.size).label("weight"))
+                  .group_by(hits.c.patient_id).subquery())
+    ranked = select(per_person.c.patient_id, per_person.c.exact, func.row_number().over(
+        order_by=(per_person.c.weight.desc(), per_person.c.patient_id)).label("rank")).subquery()
+    return (select(p.c.patient_id, p.c.record, p.c.derived).join(ranked, ranked.c.patient_id == p.c.patient_id)
+            .where(or_(ranked.c.exact == 1, ranked.c.rank <= bindparam("limit"))).order_by(ranked.c.rank))
+
+
+_CANDIDATES = _candidates_statement()
 
 
 @lru_cache(maxsize=1)
@@ -49,8 +67,12 @@ def _record_json(record: PersonRecord) -> str:
     return orjson.dumps({f: getattr(record, f) for f in MATCH_FIELDS if getattr(record, f)}).decode()
 
 
-def _record_from(patient_id: str, text: str) -> PersonRecord:
-    return PersonRecord(patient_id, **orjson.loads(text))
+def _derived_json(record: PersonRecord) -> str:
+    return orjson.dumps(stored_derived(derive(record))).decode()
+
+
+def _record_from(patient_id: str, text: str, derived: str | None = None) -> IndexedRecord:
+    return IndexedRecord(patient_id, **orjson.loads(text), derived=load_derived(orjson.loads(derived)) if derived else None)
 
 
 def grade(result: MatchResult, record: PersonRecord, candidate: PersonRecord) -> str:
@@ -66,22 +88,33 @@ class IdentityService:
         self.service = service
         self.db = service.db
         self.model = model or default_model()
+        self.max_candidates = MAX_CANDIDATES
         service.validators.append(check_identifiers)
         self.db.write_hooks.append(self._index_patient)
         # Called inside the decision's transaction: (store, review id, decision, left id, right id, context).
         self.on_decided: list[Callable[[Store, str, str, str, str, Context], None]] = []
 
+    def warm_up(self) -> None:
+        """Load the normalisation tables (administrative units, names) now rather than on a request."""
+        derive(PersonRecord("warm-up", full_name="Nguyễn Văn An", birth_date="1980-05-02", address="thôn 1",
+                            locality="Lục Ngạn", district="Lục Ngạn", province="Bắc Giang"))
+
     # ---- the index -------------------------------------------------------------
-    def _index_patient(self, store: Store, rtype: str, rid: str, resource: JSON | None) -> None:
+    def _index_patient(self, store: Store, rtype: str, rid: str, resource: JSON | None, *,
+                       replace: bool = False) -> None:
+        """The write hook. A first version has nothing indexed yet, so only later versions (or
+        `replace`, for a re-index) pay the two DELETEs."""
         if rtype != "Patient":
             return
         conn = store.conn
-        conn.execute(delete(schema.mpi_block).where(schema.mpi_block.c.patient_id == rid))
-        conn.execute(delete(schema.mpi_person).where(schema.mpi_person.c.patient_id == rid))
+        if replace or resource is None or resource.get("meta", {}).get("versionId") != "1":
+            conn.execute(delete(schema.mpi_block).where(schema.mpi_block.c.patient_id == rid))
+            conn.execute(delete(schema.mpi_person).where(schema.mpi_person.c.patient_id == rid))
         if resource is None or _is_golden(resource) or _replaced(resource):
             return  # deleted, an enterprise record, or merged away: never a match candidate
         record = to_person(resource, rid)
-        conn.execute(insert(schema.mpi_person).values(patient_id=rid, record=_record_json(record), updated=store.now))
+        conn.execute(insert(schema.mpi_person).values(patient_id=rid, record=_record_json(record),
+                                                      derived=_derived_json(record), updated=store.now))
         keys = sorted(set(self.model.blocking_keys(record)))
         if keys:
             conn.execute(insert(schema.mpi_block), [{"key": k[:160], "patient_id": rid} for k in keys])
@@ -94,30 +127,28 @@ class IdentityService:
             rows = store.execute(select(r.c.rid, v.c.body).join(v, (v.c.res_pk == r.c.res_pk) & (v.c.version == r.c.version))
                                  .where(r.c.rtype == "Patient", r.c.deleted.is_(False))).all()
             for rid, body in rows:
-                self._index_patient(store, "Patient", rid, orjson.loads(body))
+                self._index_patient(store, "Patient", rid, orjson.loads(body), replace=True)
                 count += 1
         return count
 
-    def candidates(self, store: Store, record: PersonRecord, exclude: set[str] | None = None) -> list[PersonRecord]:
-        keys = sorted(set(self.model.blocking_keys(record)))
+    def candidates(self, store: Store, record: PersonRecord, exclude: set[str] | None = None,
+                   limit: int | None = None) -> list[PersonRecord]:
+        """The persons sharing a blocking key with `record`, best first, in one statement.
+
+        Why ranked in SQL: a common family name in a commune puts ~1,500 persons under one key, and
+        scoring them all cost more than everything else in `$match`. Each shared key weighs 1/(its size),
+        so a person sharing a rare key (name + birth year, birth date) outranks one who only shares the
+        crowded family + commune key; the `limit` (default `max_candidates`) best are scored. Identifier keys (CCCD, insurance,
+        phone, other id) are decisive and always taken whole, beyond the limit.
+        """
+        keys = sorted({k[:160] for k in self.model.blocking_keys(record)})
         if not keys:
             return []
-        b, p = schema.mpi_block, schema.mpi_person
-        # Identifier keys (CCCD, insurance, phone, other id) are small and decisive: always taken whole;
-        # the demographic keys fill up to the cap, so a crowded family+commune block never crowds them out.
         exact = [k for k in keys if k.split(":", 1)[0] in _IDENTIFIER_KEYS]
-        fuzzy = [k for k in keys if k not in exact]
-        chosen: list[str] = []
-        if exact:
-            chosen = [r[0] for r in store.execute(select(b.c.patient_id).where(b.c.key.in_(exact)).distinct())]
-        if fuzzy and len(chosen) < MAX_CANDIDATES:
-            more = store.execute(select(b.c.patient_id).where(b.c.key.in_(fuzzy)).distinct()
-                                 .limit(MAX_CANDIDATES)).all()
-            chosen += [r[0] for r in more if r[0] not in set(chosen)][: MAX_CANDIDATES - len(chosen)]
-        if not chosen:
-            return []
-        rows = store.execute(select(p.c.patient_id, p.c.record).where(p.c.patient_id.in_(chosen))).all()
-        return [_record_from(pid, text) for pid, text in rows if not exclude or pid not in exclude]
+        store.flush()
+        rows = store.conn.execute(_CANDIDATES, {"keys": keys, "exact": exact,
+                                                "limit": limit or self.max_candidates}).all()
+        return [_record_from(pid, text, derived) for pid, text, derived in rows if not exclude or pid not in exclude]
 
     # ---- $match ------------------------------------------------------------------
     def match(self, ctx: Context, payload: Any) -> JSON:
@@ -131,9 +162,9 @@ class IdentityService:
                 bool(getattr(record, f)) for f in MATCH_FIELDS) < 2:
             raise error(400, "required", "Không đủ thông tin để tìm (cần tên hoặc số định danh và thêm một trường)",
                         "$match needs a name or an identifier plus at least one more field")
-        with self.db.begin() as store:
+        with self.db.read() as store:  # read-only: no transaction round trips, no write lock on SQLite
             found = self.candidates(store, record)
-            results = [r for r in self.model.score(record, found) if r.decision != "no_match"]
+            results = self.model.score(record, found, limit=None if only_certain else count, at_least="review")
             by_id = {c.record_id: c for c in found}
             graded = [(r, grade(r, record, by_id[r.right_id])) for r in results]
             if only_certain:

@@ -299,6 +299,8 @@ mpi_person = Table(
     metadata,
     Column("patient_id", String(64), primary_key=True),
     Column("record", Text, nullable=False),  # the matcher's PersonRecord as JSON
+    # Its normalised comparison values (records.derive) as JSON, so $match does not re-normalise candidates.
+    Column("derived", Text, nullable=True),
     Column("updated", BigInteger, nullable=False),
 )
 mpi_block = Table(
