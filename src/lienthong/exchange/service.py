@@ -89,6 +89,7 @@ class ExchangeConfig:
     hub_code: str
     hub_url: str | None = None  # nodes: where the hub's exchange endpoint is (…/exchange)
     poll_seconds: float = 0.2
+    send_concurrency: int = 8  # messages in flight at once, to different patients (one per patient stream)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,14 +151,16 @@ class ExchangeService:
         hub = config.role == "hub"
         self.inbox = Inbox(validator=None if hub else self._audited(package_validator(trust)))
         self.receiver = Receiver(self.engine, identity, trust, SqlNonceStore(self.engine), inbox=self.inbox,
-                                 relay=self.outbox if hub else None, authorize=self._authorize if hub else None)
+                                 relay=self.outbox if hub else None, authorize=self._authorize if hub else None,
+                                 on_stored=self._relay_now if hub else None)
         transport: Any
         if hub:
             transport = RoutingTransport(self.registry, identity, trust)
         else:
             assert config.hub_url, "a node needs hub_url"
             transport = HttpTransport(config.hub_url, identity, trust, peer_code=config.hub_code)
-        self.dispatcher = Dispatcher(self.engine, transport, poll_interval=config.poll_seconds)
+        self.dispatcher = Dispatcher(self.engine, transport, poll_interval=config.poll_seconds,
+                                     concurrency=config.send_concurrency)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self.on_import: list[Callable[[str, str], None]] = []  # (package id, local patient id)
@@ -188,6 +191,10 @@ class ExchangeService:
                 self._stop.wait(self.config.poll_seconds)
             else:
                 self.dispatcher.wake()
+
+    def _relay_now(self) -> None:
+        """The hub stored a message for another unit: forward it now, not at the next poll."""
+        self.dispatcher.wake()
 
     def pump(self, rounds: int = 1) -> None:
         """Deterministic progress for tests: one dispatcher pass and one inbox pass per round."""
@@ -273,6 +280,7 @@ class ExchangeService:
                                                   patients={patient_id},
                                                   detail=f"transfer {package_id} to {slip.destination}"),
                            [task_stored, sent_doc])
+        self.dispatcher.wake()  # committed: send now rather than at the next poll
         return {"package": package_id, "task": task_stored.rid, "message": msg_id}
 
     def _organization(self, store: Store) -> JSON:
@@ -334,6 +342,7 @@ class ExchangeService:
                                             requester, package_id, patient, body))
             guard.on_write(ctx, store, AuditFacts("update", resources=[("Task", current.rid)], patients={patient},
                                                   detail=f"transfer {package_id}: {step}"), written)
+        self.dispatcher.wake()
         return {"package": package_id, "step": step}
 
     # ---- receiving -----------------------------------------------------------------------
@@ -583,6 +592,8 @@ def load_config(path: Path) -> tuple[ExchangeConfig, Path, Path]:
         hub_url = "https://hub.bacninh.example/exchange"
         keys_dir = "var/keys"    # node.key + node.crt (lienthong keys init / install)
         ca_dir = "var/ca"        # ca.crt + ca.crl (the hub keeps ca.key there too)
+        poll_seconds = 0.2       # optional: how often idle workers look for work
+        send_concurrency = 8     # optional: messages in flight at once (never two of one patient)
     """
     import tomllib
 
@@ -597,8 +608,17 @@ def load_config(path: Path) -> tuple[ExchangeConfig, Path, Path]:
         raise ValueError("role phải là node hoặc hub / role must be node or hub")
     if data["role"] == "node" and not data.get("hub_url"):
         raise ValueError("nút cần hub_url / a node needs hub_url")
+    try:
+        poll, concurrency = float(data.get("poll_seconds", 0.2)), int(data.get("send_concurrency", 8))
+    except (TypeError, ValueError):
+        raise ValueError("poll_seconds và send_concurrency phải là số / poll_seconds and send_concurrency must be "
+                         "numbers") from None
+    if poll <= 0 or not 1 <= concurrency <= 64:
+        raise ValueError("cần poll_seconds > 0 và send_concurrency 1–64 / poll_seconds must be > 0 and "
+                         "send_concurrency 1-64")
     config = ExchangeConfig(role=data["role"], code=str(data["code"]), name=data["name"],
-                            hub_code=str(data["hub_code"]), hub_url=data.get("hub_url"))
+                            hub_code=str(data["hub_code"]), hub_url=data.get("hub_url"), poll_seconds=poll,
+                            send_concurrency=concurrency)
     base = path.parent
     return config, base / data.get("keys_dir", "var/keys"), base / data.get("ca_dir", "var/ca")
 
