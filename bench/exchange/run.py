@@ -30,7 +30,8 @@ With --link: the 304 transfers cross an emulated link (`lienthong.devtools.netli
  to the hub, and the receiver's link to the hub (hub->receiver deliveries and receiver->hub status
  messages share it). Timed from release until every transfer is `received` at the sender (the full loop:
  delivered, imported at Bạch Mai, status returned through the hub over both links); then checks that
- nothing was lost or imported twice.
+ nothing was lost or imported twice. `uplink_bytes_per_transfer` is everything that crossed the sender's
+ link, both ways: the package, HTTP and signature headers, acknowledgements and the status message back.
 
 Markdown summary on stdout, progress on stderr, JSON in bench/results/exchange*.json.
 """
@@ -289,6 +290,9 @@ def over_link(args: argparse.Namespace, folder: Path, cleanup: Cleanup) -> dict[
         "seconds_full_loop": round(seconds, 1), "released": len(released),
         "received_at_sender": received(), "imports_at_receiver": provenances, "processed_at_receiver": processed,
         "sender_outbox": counts, "lost": n - received(), "duplicate_imports": provenances - n,
+        "uplink_bytes_per_transfer": round(stats[0].bytes / n),
+        "uplink_ratio_to_raw_json": round(stats[0].bytes / province.raw_json, 3),
+        "payload_ratio_to_raw_json": round(province.wire_bytes(set(released)) / province.raw_json, 3),
         "link_bytes": sum(s.bytes for s in stats), "link_segments": sum(s.segments for s in stats),
         "link_segments_lost": sum(s.lost for s in stats), "link_connections": sum(s.connections for s in stats),
         "machine_busy_before": round(busy, 2),

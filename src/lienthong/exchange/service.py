@@ -122,6 +122,7 @@ class RoutingTransport:
         self.keys = identity  # this unit's key and certificate chain
         self.trust = trust
         self._transports: dict[str, HttpTransport] = {}
+        self._lock = threading.Lock()  # the dispatcher sends from several threads
 
     def send(self, message: OutboundMessage) -> Ack:
         facility = self.registry.get(message.dest)
@@ -129,10 +130,11 @@ class RoutingTransport:
             raise DeliveryError(f"no endpoint for facility {message.dest}")
         if facility.clearance != "cleared":
             return Ack(False, False, f"destination {message.dest} clearance {facility.clearance}")
-        transport = self._transports.get(message.dest)
-        if transport is None or transport.base_url != facility.endpoint.rstrip("/"):
-            transport = HttpTransport(facility.endpoint, self.keys, self.trust, peer_code=message.dest)
-            self._transports[message.dest] = transport
+        with self._lock:  # one client (kept-alive connections) per peer
+            transport = self._transports.get(message.dest)
+            if transport is None or transport.base_url != facility.endpoint.rstrip("/"):
+                transport = HttpTransport(facility.endpoint, self.keys, self.trust, peer_code=message.dest)
+                self._transports[message.dest] = transport
         return transport.send(message)
 
 
