@@ -230,7 +230,7 @@ class Receiver:
         self.uploads = uploads or UploadStore(clock, MAX_PAYLOAD)
         self.relay = relay
         self.authorize = authorize
-        self.on_stored = on_stored  # e.g. wake the relay's dispatcher and the inbox worker: no polling delay
+        self.on_stored = on_stored  # e.g. the hub wakes its dispatcher: relayed at once, not at the next poll
         self.clock = clock
         self.allowed_roles = allowed_roles
         self.max_message = max_message
