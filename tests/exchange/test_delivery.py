@@ -356,6 +356,58 @@ def test_stop_is_prompt_and_wake_skips_the_poll(tmp_path: Path) -> None:
     assert not any(t.name == "lienthong-outbox" and t.is_alive() for t in threading.enumerate())
 
 
+# ---- several sends in flight ------------------------------------------------------------------------
+
+
+class SlowPeer:
+    """A peer 20-40 ms away that records how many sends overlap and the order each stream arrives in."""
+
+    def __init__(self, engine: Engine, inbox: Inbox) -> None:
+        self.engine, self.inbox = engine, inbox
+        self.lock = threading.Lock()
+        self.in_flight = self.most_in_flight = 0
+        self.arrivals: dict[str, list[int]] = defaultdict(list)
+
+    def send(self, message: OutboundMessage) -> Ack:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.arrivals[message.patient_key].append(message.seq)
+        time.sleep(random.uniform(0.02, 0.04))
+        with self.engine.begin() as conn:
+            receipt = self.inbox.receive(conn, message.msg_id, "27001", message.payload)
+        with self.lock:
+            self.in_flight -= 1
+        return Ack(receipt.accepted, receipt.duplicate)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_concurrent_sends_keep_each_patients_order(tmp_path: Path, background: bool) -> None:
+    sender, receiver = new_engine(tmp_path / "s.db"), new_engine(tmp_path / "r.db")
+    with sender.begin() as conn:
+        for n in range(60):
+            Outbox().enqueue(conn, "27002", f"p-{n % 12}", f"{n}".encode())
+    peer = SlowPeer(receiver, Inbox())
+    dispatcher = Dispatcher(sender, peer, concurrency=6, poll_interval=0.02)
+    started = time.monotonic()
+    if background:
+        dispatcher.start()
+        while statuses(sender) != {SENT: 60} and time.monotonic() - started < 30:
+            time.sleep(0.02)
+        assert dispatcher.stop(timeout=5)
+    else:
+        while statuses(sender) != {SENT: 60} and time.monotonic() - started < 30:
+            dispatcher.run_once()
+    assert statuses(sender) == {SENT: 60}
+    assert 1 < peer.most_in_flight <= 6  # several at once, never more than allowed
+    assert sorted(peer.arrivals) == sorted(f"p-{k}" for k in range(12))
+    assert all(seqs == [1, 2, 3, 4, 5] for seqs in peer.arrivals.values())  # each patient in order, once
+    with receiver.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(inbox_table)).scalar_one() == 60
+    sender.dispose()
+    receiver.dispose()
+
+
 # ---- a refused message holds its stream -----------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -293,17 +294,34 @@ class DispatchResult(NamedTuple):
 
 # Statements built once: the dispatcher runs them thousands of times an hour.
 _CLAIM = (update(outbox)
-          .where(outbox.c.msg_id == bindparam("m"), outbox.c.status.in_((PENDING, FAILED)))
+          .where(outbox.c.msg_id.in_(bindparam("ids", expanding=True)), outbox.c.status.in_((PENDING, FAILED)))
           .values(status=SENDING, attempts=outbox.c.attempts + 1)
-          .returning(outbox.c.dest, outbox.c.patient_key, outbox.c.seq, outbox.c.payload, outbox.c.sha256,
-                     outbox.c.size, outbox.c.attempts))
-_FINISH = (update(outbox).where(outbox.c.msg_id == bindparam("m"), outbox.c.status == SENDING)
-           .values(status=bindparam("new_status"), last_error=bindparam("error")))
-_RETRY = _FINISH.values(next_attempt=bindparam("when"))
+          .returning(outbox.c.msg_id, outbox.c.dest, outbox.c.patient_key, outbox.c.seq, outbox.c.payload,
+                     outbox.c.sha256, outbox.c.size, outbox.c.attempts))
+_DONE = (update(outbox).where(outbox.c.msg_id == bindparam("m"), outbox.c.status == SENDING)
+         .values(status=bindparam("new_status"), last_error=bindparam("error")))
+_RETRY = _DONE.values(next_attempt=bindparam("when"))
+
+
+class Outcome(NamedTuple):
+    """What became of one send, to be recorded on its outbox row."""
+
+    msg_id: str
+    status: str  # SENT, FAILED or DEAD
+    error: str | None
+    next_attempt: int | None  # for FAILED: when to try again (µs)
 
 
 class Dispatcher:
-    """Sends due outbox messages, one stream head at a time; see the module docstring.
+    """Sends due outbox messages, stream heads only; see the module docstring.
+
+    With `concurrency` > 1 up to that many messages are in flight at once,
+    each the head of a different (dest, patient_key) stream, so a slow or
+    far peer is kept busy without ever letting a patient's later message
+    overtake an earlier one: a stream's next message becomes due only after
+    its predecessor is `sent`. Claims and results are written in batches (one
+    transaction for many rows), which matters on SQLite, where every write
+    transaction serialises the whole database.
 
     Run one dispatcher per database: at start-up every `sending` row is
     treated as left behind by a crash and becomes pending again (the receiver
@@ -312,7 +330,7 @@ class Dispatcher:
 
     def __init__(self, engine: Engine, transport: Transport, clock: Clock = time.time, *,
                  backoff: Backoff | None = None, batch: int = 100, max_attempts: int | None = None,
-                 poll_interval: float = 1.0, rng: random.Random | None = None) -> None:
+                 poll_interval: float = 1.0, rng: random.Random | None = None, concurrency: int = 1) -> None:
         self.engine = engine
         self.transport = transport
         self.clock = clock
@@ -321,6 +339,7 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self.poll_interval = poll_interval
         self.rng = rng or random.Random()  # jitter only, not a secret
+        self.concurrency = max(1, concurrency)
         self._recovered = False
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -331,11 +350,12 @@ class Dispatcher:
                           earlier.c.seq < outbox.c.seq, earlier.c.status != SENT)
                    .exists())
         # A stream's head: due, and no earlier message of its stream is still unacknowledged.
-        self._due_query = (select(outbox.c.msg_id)
-                           .where(outbox.c.status.in_((PENDING, FAILED)), outbox.c.next_attempt <= bindparam("now"),
-                                  ~blocked)
+        heads = (select(outbox.c.msg_id, outbox.c.next_attempt)
+                 .where(outbox.c.status.in_((PENDING, FAILED)), ~blocked))
+        self._due_query = (heads.where(outbox.c.next_attempt <= bindparam("now"))
                            .order_by(outbox.c.next_attempt, outbox.c.created, outbox.c.seq)
                            .limit(batch))
+        self._next_query = heads.order_by(outbox.c.next_attempt).limit(1)
 
     def recover(self) -> int:
         """Return `sending` rows (a crash mid-send) to `pending`, due now."""
@@ -350,55 +370,63 @@ class Dispatcher:
     def _due(self, conn: Connection, now: int) -> list[str]:
         return [r[0] for r in conn.execute(self._due_query, {"now": now})]
 
-    def _claim(self, msg_id: str) -> OutboundMessage | None:
+    def _claim(self, ids: list[str]) -> list[OutboundMessage]:
+        """Mark messages `sending` (one transaction) and load them; a row someone else took is skipped."""
+        if not ids:
+            return []
         with self.engine.begin() as conn:
-            row = conn.execute(_CLAIM, {"m": msg_id}).first()
-        if row is None:  # someone else took it, or it changed state
-            return None
-        return OutboundMessage(msg_id, row[0], row[1], row[2], bytes(row[3]), row[4], row[5], row[6])
+            rows = {r[0]: r for r in conn.execute(_CLAIM, {"ids": ids})}
+        return [OutboundMessage(m, r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7])
+                for m in ids if (r := rows.get(m)) is not None]
 
-    def _finish(self, msg_id: str, status: str, error: str | None, next_attempt: int | None = None) -> None:
-        with self.engine.begin() as conn:
-            if next_attempt is None:
-                conn.execute(_FINISH, {"m": msg_id, "new_status": status, "error": error})
-            else:
-                conn.execute(_RETRY, {"m": msg_id, "new_status": status, "error": error, "when": next_attempt})
+    def _attempt(self, message: OutboundMessage) -> Outcome:
+        """Send one message and decide its fate; touches no database, so many can run at once."""
+        try:
+            ack = self.transport.send(message)
+        except Exception as exc:  # any transport failure is retried: a message is never dropped silently
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            if self.max_attempts is not None and message.attempt >= self.max_attempts:
+                log.error("outbox: %s to %s gave up after %d attempts: %s", message.msg_id, message.dest,
+                          message.attempt, error)
+                return Outcome(message.msg_id, DEAD, error, None)
+            delay = self.backoff.delay(message.attempt, self.rng)
+            return Outcome(message.msg_id, FAILED, error, _us(self.clock() + delay))
+        if ack.accepted:
+            return Outcome(message.msg_id, SENT, None, None)
+        log.error("outbox: %s refused by %s: %s", message.msg_id, message.dest, ack.reason)
+        return Outcome(message.msg_id, DEAD, f"rejected: {ack.reason or 'no reason given'}"[:2000], None)
+
+    def _record(self, outcomes: list[Outcome]) -> DispatchResult:
+        """Write what became of each send, all in one transaction."""
+        if outcomes:
+            with self.engine.begin() as conn:
+                for o in outcomes:
+                    params = {"m": o.msg_id, "new_status": o.status, "error": o.error, "when": o.next_attempt}
+                    conn.execute(_DONE if o.next_attempt is None else _RETRY, params)
+        return DispatchResult(sum(o.status == SENT for o in outcomes), sum(o.status == FAILED for o in outcomes),
+                              sum(o.status == DEAD for o in outcomes))
 
     def run_once(self) -> DispatchResult:
-        """Send every stream head that is due now (one message per stream); returns what happened."""
+        """Send every stream head that is due now (one message per stream), `concurrency` at a time."""
         if not self._recovered:
             self.recover()
         with self.engine.connect() as conn:
             due = self._due(conn, _us(self.clock()))
-        sent = failed = dead = 0
-        for msg_id in due:
-            if self._stop.is_set():
-                break
-            message = self._claim(msg_id)
-            if message is None:
-                continue
-            try:
-                ack = self.transport.send(message)
-            except Exception as exc:  # any transport failure is retried: a message is never dropped silently
-                error = f"{type(exc).__name__}: {exc}"[:2000]
-                if self.max_attempts is not None and message.attempt >= self.max_attempts:
-                    dead += 1
-                    self._finish(msg_id, DEAD, error)
-                    log.error("outbox: %s to %s gave up after %d attempts: %s", msg_id, message.dest,
-                              message.attempt, error)
-                else:
-                    failed += 1
-                    delay = self.backoff.delay(message.attempt, self.rng)
-                    self._finish(msg_id, FAILED, error, _us(self.clock() + delay))
-                continue
-            if ack.accepted:
-                sent += 1
-                self._finish(msg_id, SENT, None)
-            else:
-                dead += 1
-                self._finish(msg_id, DEAD, f"rejected: {ack.reason or 'no reason given'}"[:2000])
-                log.error("outbox: %s refused by %s: %s", msg_id, message.dest, ack.reason)
-        return DispatchResult(sent, failed, dead)
+        totals = DispatchResult(0, 0, 0)
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="lienthong-send") \
+            if self.concurrency > 1 and len(due) > 1 else None
+        try:
+            for start in range(0, len(due), self.concurrency):
+                if self._stop.is_set():
+                    break
+                messages = self._claim(due[start:start + self.concurrency])
+                outcomes = list(pool.map(self._attempt, messages)) if pool else [self._attempt(m) for m in messages]
+                result = self._record(outcomes)
+                totals = DispatchResult(*(a + b for a, b in zip(totals, result, strict=True)))
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        return totals
 
     # ---- background thread ---------------------------------------------------------------------
     def start(self) -> None:
@@ -415,7 +443,7 @@ class Dispatcher:
         self._wake.set()
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Ask the worker to stop after the message in flight; True if it ended within `timeout`.
+        """Ask the worker to stop after the messages in flight; True if it ended within `timeout`.
 
         A message still in flight when the process exits stays `sending` and is
         recovered at the next start.
@@ -428,16 +456,45 @@ class Dispatcher:
         thread.join(timeout)
         return not thread.is_alive()
 
+    def _idle(self) -> None:
+        """Sleep until woken, the poll interval passes, or the next message falls due, whichever is first."""
+        wait = self.poll_interval
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(self._next_query).first()
+            if row is not None:
+                wait = min(wait, max(0.0, row[1] / 1_000_000 - self.clock()))
+        except Exception:  # the database may be briefly unavailable; poll as usual
+            log.debug("outbox: next due time unknown", exc_info=True)
+        if wait > 0:
+            self._wake.wait(wait)
+        self._wake.clear()
+
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                result = self.run_once()
-            except Exception:  # the database may be briefly unavailable; keep the worker alive
-                log.exception("outbox dispatcher pass failed")
-                result = DispatchResult(0, 0, 0)
-            if result.attempted == 0 or result.failed:
-                self._wake.wait(self.poll_interval)
-                self._wake.clear()
+        """Keep up to `concurrency` sends in flight, topping up as each one ends (no waiting for a batch)."""
+        inflight: dict[Future[Outcome], OutboundMessage] = {}
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="lienthong-send") as pool:
+            while not self._stop.is_set():
+                try:
+                    free = self.concurrency - len(inflight)
+                    if free > 0:
+                        with self.engine.connect() as conn:  # rows in flight are `sending`, so never due
+                            due = self._due(conn, _us(self.clock()))[:free]
+                        for message in self._claim(due):
+                            inflight[pool.submit(self._attempt, message)] = message
+                    if not inflight:
+                        self._idle()
+                        continue
+                    done, _ = wait(inflight, timeout=self.poll_interval, return_when=FIRST_COMPLETED)
+                    self._record([f.result() for f in done])
+                    for f in done:
+                        del inflight[f]
+                except Exception:  # the database may be briefly unavailable; keep the worker alive
+                    log.exception("outbox dispatcher pass failed")
+                    self._wake.wait(self.poll_interval)
+                    self._wake.clear()
+            if inflight:  # stopping: let the sends in flight end and record what became of them
+                self._record([f.result() for f in inflight])
 
 
 # ---- inbox ---------------------------------------------------------------------------------------

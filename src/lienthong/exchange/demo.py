@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
 from lienthong.api.app import ApiSettings
 from lienthong.devtools import clinical
@@ -191,18 +191,16 @@ class ScenarioResult:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-def pilot_304(province: Province, n: int = 304, seed: int = 304, known_share: float = 0.2,
-              timeout: float = 900.0) -> ScenarioResult:
-    """Transfer `n` inpatients with realistic records from the provincial hospital to Bạch Mai.
+def load_pilot(sender: ExchangeService, receiver: ExchangeService, n: int, seed: int = 304,
+               known_share: float = 0.2) -> tuple[list[dict[str, Any]], random.Random]:
+    """Register `n` inpatients with realistic records at the sender; a share of them also at the receiver.
 
-    A share of them already have a record at Bạch Mai (an earlier visit), so the receiver's
-    patient index links them instead of creating duplicates."""
-    sender = province.unit(PROVINCIAL)
-    receiver = province.units["01001"] if "01001" in province.units else province.unit(BACH_MAI)
+    The share already known at Bạch Mai (an earlier visit) lets the receiver's patient index link
+    them instead of creating duplicates. Returns the patients and the random stream to go on with."""
     rng = random.Random(seed)
-    org, doctor = clinical.facility_resources(sender.code, sender.name)
-    patients = clinical.pilot_patients(n, sender.code, seed)
-    ctx_sender = sender.exchange.system_context("demo")
+    org, doctor = clinical.facility_resources(sender.config.code, sender.config.name)
+    patients = clinical.pilot_patients(n, sender.config.code, seed)
+    ctx_sender = sender.system_context("demo")
     loader = BundleProcessor(sender.node.service)
     loader.process(ctx_sender, clinical.as_transaction([org, doctor]))
     for start in range(0, len(patients), 25):  # short transactions: the exchange workers write meanwhile
@@ -212,7 +210,7 @@ def pilot_304(province: Province, n: int = 304, seed: int = 304, known_share: fl
         loader.process(ctx_sender, clinical.as_transaction(batch))
     known = [p for p in patients if rng.random() < known_share]
     if known:
-        ctx_receiver = receiver.exchange.system_context("demo")
+        ctx_receiver = receiver.system_context("demo")
         earlier = []
         for p in known:  # the same person, registered earlier at Bạch Mai without the other hospital's code
             copy = {k: v for k, v in p.items() if k != "identifier"}
@@ -221,21 +219,39 @@ def pilot_304(province: Province, n: int = 304, seed: int = 304, known_share: fl
                 copy["identifier"] = kept
             earlier.append(copy)
         BundleProcessor(receiver.node.service).process(ctx_receiver, clinical.as_transaction(earlier))
-    patients_before = _count_type(receiver, "Patient")
-    result = ScenarioResult()
-    started = time.perf_counter()
-    started_at: dict[str, float] = {}
+    return patients, rng
+
+
+def queue_transfers(sender: ExchangeService, destination: str, patients: list[dict[str, Any]],
+                    rng: random.Random) -> dict[str, float]:
+    """A clinician transfers each patient (Task, ServiceRequest, signed document, outbox row);
+    returns package id -> `time.perf_counter()` when it was queued."""
+    ctx = sender.system_context("demo")
+    queued: dict[str, float] = {}
     for patient in patients:
         main, _, secondary, signs = rng.choice(clinical.TRANSFER_CASES)
-        slip = tr.TransferSlip(destination=receiver.code, reason="2", main_diagnosis=main,
-                               secondary_diagnoses=secondary, doctor_licence=f"{sender.code}/CCHN-0001",
+        slip = tr.TransferSlip(destination=destination, reason="2", main_diagnosis=main,
+                               secondary_diagnoses=secondary, doctor_licence=f"{sender.config.code}/CCHN-0001",
                                clinical_signs=signs, course="Điều trị nội khoa 3 ngày, không cải thiện",
                                results_summary="Xem kết quả xét nghiệm kèm theo", treatment="Theo y lệnh",
                                condition="Ổn định để vận chuyển", next_treatment="Điều trị chuyên sâu tuyến trung ương",
                                transport="Xe cứu thương", escort_name="Nguyễn Thị Lan", escort_title="Điều dưỡng")
-        out = sender.exchange.start_transfer(ctx_sender, patient["id"], slip)
-        started_at[out["package"]] = time.perf_counter()
-        result.sent += 1
+        out = sender.start_transfer(ctx, patient["id"], slip)
+        queued[out["package"]] = time.perf_counter()
+    return queued
+
+
+def pilot_304(province: Province, n: int = 304, seed: int = 304, known_share: float = 0.2,
+              timeout: float = 900.0) -> ScenarioResult:
+    """Transfer `n` inpatients with realistic records from the provincial hospital to Bạch Mai."""
+    sender = province.unit(PROVINCIAL)
+    receiver = province.units["01001"] if "01001" in province.units else province.unit(BACH_MAI)
+    patients, rng = load_pilot(sender.exchange, receiver.exchange, n, seed, known_share)
+    patients_before = _count_type(receiver, "Patient")
+    result = ScenarioResult()
+    started = time.perf_counter()
+    started_at = queue_transfers(sender.exchange, receiver.code, patients, rng)
+    result.sent = len(started_at)
     latencies = _wait_acknowledged(sender, started_at, timeout)
     result.seconds = time.perf_counter() - started
     result.acknowledged = len(latencies)
@@ -262,10 +278,15 @@ def _wait_acknowledged(sender: Unit, started_at: dict[str, float], timeout: floa
 
 
 def _steps(unit: Unit) -> dict[str, str]:
+    return transfer_steps(unit.node.db.engine)
+
+
+def transfer_steps(engine: Engine) -> dict[str, str]:
+    """Package id -> the current step of its transfer Task in this unit's database."""
     import orjson
 
     r, v = schema.resource, schema.resource_version
-    with unit.node.db.engine.connect() as conn:
+    with engine.connect() as conn:
         rows = conn.execute(select(v.c.body).join(r, (r.c.res_pk == v.c.res_pk) & (r.c.version == v.c.version))
                             .where(r.c.rtype == "Task", r.c.deleted.is_(False))).all()
     out = {}

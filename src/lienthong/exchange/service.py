@@ -90,6 +90,7 @@ class ExchangeConfig:
     hub_code: str
     hub_url: str | None = None  # nodes: where the hub's exchange endpoint is (…/exchange)
     poll_seconds: float = 0.2
+    send_concurrency: int = 8  # messages in flight at once, to different patients (one per patient stream)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -122,16 +123,18 @@ class RoutingTransport:
         self.keys = identity  # this unit's key and certificate chain
         self.trust = trust
         self._transports: dict[str, HttpTransport] = {}
+        self._lock = threading.Lock()  # the dispatcher sends from several threads
 
     def for_destination(self, code: str) -> HttpTransport | None:
         """The client for a registered facility's endpoint (clearance is the caller's check)."""
         facility = self.registry.get(code)
         if facility is None or not facility.endpoint:
             return None
-        transport = self._transports.get(code)
-        if transport is None or transport.base_url != facility.endpoint.rstrip("/"):
-            transport = HttpTransport(facility.endpoint, self.keys, self.trust, peer_code=code)
-            self._transports[code] = transport
+        with self._lock:  # one client (kept-alive connections) per peer, shared by the sending threads
+            transport = self._transports.get(code)
+            if transport is None or transport.base_url != facility.endpoint.rstrip("/"):
+                transport = HttpTransport(facility.endpoint, self.keys, self.trust, peer_code=code)
+                self._transports[code] = transport
         return transport
 
     def send(self, message: OutboundMessage) -> Ack:
@@ -161,7 +164,8 @@ class ExchangeService:
         self.queries = RecordQueries(self)
         self.receiver = Receiver(self.engine, identity, trust, SqlNonceStore(self.engine), inbox=self.inbox,
                                  relay=self.outbox if hub else None, authorize=self._admit if hub else None,
-                                 queries=self.queries.relay if hub else self.queries.answer)
+                                 queries=self.queries.relay if hub else self.queries.answer,
+                                 on_stored=self._relay_now if hub else None)
         self.routes: RoutingTransport | None = None  # the hub's clients, one per facility
         self.hub_link: HttpTransport | None = None  # a node's client to the hub
         transport: RoutingTransport | HttpTransport
@@ -170,7 +174,8 @@ class ExchangeService:
         else:
             assert config.hub_url, "a node needs hub_url"
             transport = self.hub_link = HttpTransport(config.hub_url, identity, trust, peer_code=config.hub_code)
-        self.dispatcher = Dispatcher(self.engine, transport, poll_interval=config.poll_seconds)
+        self.dispatcher = Dispatcher(self.engine, transport, poll_interval=config.poll_seconds,
+                                     concurrency=config.send_concurrency)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._heard_lock = threading.Lock()
@@ -204,6 +209,10 @@ class ExchangeService:
                 self._stop.wait(self.config.poll_seconds)
             else:
                 self.dispatcher.wake()
+
+    def _relay_now(self) -> None:
+        """The hub stored a message for another unit: forward it now, not at the next poll."""
+        self.dispatcher.wake()
 
     def pump(self, rounds: int = 1) -> None:
         """Deterministic progress for tests: one dispatcher pass and one inbox pass per round."""
@@ -308,6 +317,7 @@ class ExchangeService:
                                                   patients={patient_id},
                                                   detail=f"transfer {package_id} to {slip.destination}"),
                            [task_stored, sent_doc])
+        self.dispatcher.wake()  # committed: send now rather than at the next poll
         return {"package": package_id, "task": task_stored.rid, "message": msg_id}
 
     def record_of(self, store: Store, patient: Stored) -> list[Stored]:
@@ -378,6 +388,7 @@ class ExchangeService:
                                             requester, package_id, patient, body))
             guard.on_write(ctx, store, AuditFacts("update", resources=[("Task", current.rid)], patients={patient},
                                                   detail=f"transfer {package_id}: {step}"), written)
+        self.dispatcher.wake()
         return {"package": package_id, "step": step}
 
     # ---- receiving -----------------------------------------------------------------------
@@ -633,6 +644,8 @@ def load_config(path: Path) -> tuple[ExchangeConfig, Path, Path]:
         hub_url = "https://hub.bacninh.example/exchange"
         keys_dir = "var/keys"    # node.key + node.crt (lienthong keys init / install)
         ca_dir = "var/ca"        # ca.crt + ca.crl (the hub keeps ca.key there too)
+        poll_seconds = 0.2       # optional: how often idle workers look for work
+        send_concurrency = 8     # optional: messages in flight at once (never two of one patient)
     """
     import tomllib
 
@@ -647,8 +660,17 @@ def load_config(path: Path) -> tuple[ExchangeConfig, Path, Path]:
         raise ValueError("role phải là node hoặc hub / role must be node or hub")
     if data["role"] == "node" and not data.get("hub_url"):
         raise ValueError("nút cần hub_url / a node needs hub_url")
+    try:
+        poll, concurrency = float(data.get("poll_seconds", 0.2)), int(data.get("send_concurrency", 8))
+    except (TypeError, ValueError):
+        raise ValueError("poll_seconds và send_concurrency phải là số / poll_seconds and send_concurrency must be "
+                         "numbers") from None
+    if poll <= 0 or not 1 <= concurrency <= 64:
+        raise ValueError("cần poll_seconds > 0 và send_concurrency 1–64 / poll_seconds must be > 0 and "
+                         "send_concurrency 1-64")
     config = ExchangeConfig(role=data["role"], code=str(data["code"]), name=data["name"],
-                            hub_code=str(data["hub_code"]), hub_url=data.get("hub_url"))
+                            hub_code=str(data["hub_code"]), hub_url=data.get("hub_url"), poll_seconds=poll,
+                            send_concurrency=concurrency)
     base = path.parent
     return config, base / data.get("keys_dir", "var/keys"), base / data.get("ca_dir", "var/ca")
 

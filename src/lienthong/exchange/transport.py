@@ -221,12 +221,14 @@ class Receiver:
     inbox and queued in the outbox in one transaction under its original
     msg_id; without it, only messages addressed to this unit are accepted.
     `authorize` lets the caller refuse an exchange (e.g. a unit whose security
-    clearance is pending or suspended).
+    clearance is pending or suspended). `on_stored` is called after a new
+    message committed.
     """
 
     def __init__(self, engine: Engine, identity: NodeIdentity, trust: TrustStore, nonce_store: NonceStore, *,
                  inbox: Inbox | None = None, uploads: UploadStore | None = None, relay: Outbox | None = None,
                  authorize: Authorize | None = None, queries: QueryHandler | None = None,
+                 on_stored: Callable[[], None] | None = None,
                  clock: Clock = time.time,
                  allowed_roles: Collection[Role] = (Role.FACILITY, Role.HUB),
                  max_message: int = 8 * 1024 * 1024, max_chunk: int = 4 * 1024 * 1024) -> None:
@@ -239,6 +241,7 @@ class Receiver:
         self.relay = relay
         self.authorize = authorize
         self.queries = queries
+        self.on_stored = on_stored  # e.g. the hub wakes its dispatcher: relayed at once, not at the next poll
         self.clock = clock
         self.allowed_roles = allowed_roles
         self.max_message = max_message
@@ -318,7 +321,12 @@ class Receiver:
             return self._reply(413, {"error": "too-large, use an upload"}, nonce)
         with self.engine.begin() as conn:
             ack = self._accept(conn, source, msg_id, dest, stream, body)
+        self._stored(ack)
         return self._reply(200, _ack_json(msg_id, ack), nonce)
+
+    def _stored(self, ack: Ack) -> None:
+        if ack.accepted and not ack.duplicate and self.on_stored is not None:
+            self.on_stored()
 
     def _delivered(self, conn: Connection, source: str, msg_id: str) -> dict[str, Any] | None:
         """The ack for an upload whose message already arrived (its final answer was lost)."""
@@ -377,6 +385,7 @@ class Receiver:
                 return self._reply(422, {"error": str(exc)}, nonce)
             # Assembling, deleting the upload and storing the message commit together.
             ack = self._accept(conn, source, msg_id, state.dest, state.patient_key, data)
+        self._stored(ack)
         return self._reply(200, {"received_size": state.total_size, "ack": _ack_json(msg_id, ack)}, nonce)
 
 

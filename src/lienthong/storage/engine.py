@@ -7,6 +7,9 @@ The URL decides; everything above this module is dialect-neutral.
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,15 +20,65 @@ from sqlalchemy.engine import make_url
 
 DEFAULT_SQLITE = "sqlite:///var/lienthong.db"
 _WRITE = "lienthong_write"
+_BUSY_SECONDS = 30
+
+
+class FairWriteLock:
+    """A re-entrant lock granted in arrival order.
+
+    Why not `threading.RLock`: a thread that commits and at once begins again (an inbox worker
+    importing message after message) would take it back before the threads already waiting
+    woke up, starving them (a receiver's acknowledgements waited behind every import)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._queue: deque[object] = deque()
+
+    def acquire(self, timeout: float) -> bool:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            ticket = object()
+            self._queue.append(ticket)
+            if not self._cond.wait_for(lambda: self._owner is None and self._queue[0] is ticket, timeout):
+                self._queue.remove(ticket)
+                self._cond.notify_all()  # the next in line may be free to go now
+                return False
+            self._queue.popleft()
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
 
 
 @contextmanager
-def _writing_begin(engine: Engine) -> Iterator[Connection]:
-    """Engine.begin() for SQLite: the same contract, with the connection marked as a writer."""
-    with engine.connect() as conn:
-        conn.execution_options(**{_WRITE: True})
-        with conn.begin():
-            yield conn
+def _writing_begin(engine: Engine, lock: FairWriteLock) -> Iterator[Connection]:
+    """Engine.begin() for SQLite: the same contract, with the connection marked as a writer.
+
+    Writers of one process queue on a lock before BEGIN IMMEDIATE: SQLite's own busy handler
+    polls with sleeps of up to 100 ms, so under many concurrent writers (an exchange hub
+    receiving and relaying in parallel) the database sat idle between sleeps. First come, first
+    served (see `FairWriteLock`) and re-entrant, so a
+    thread that already writes behaves as before; other processes still meet the busy timeout, and
+    so does a writer that waited for the lock as long as that timeout."""
+    queued = lock.acquire(timeout=_BUSY_SECONDS)  # past that, fall back to SQLite's busy timeout as before
+    try:
+        with engine.connect() as conn:
+            conn.execution_options(**{_WRITE: True})
+            with conn.begin():
+                yield conn
+    finally:
+        if queued:
+            lock.release()
 
 
 def normalise_url(url: str | None) -> str:
@@ -49,7 +102,7 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
         if parsed.database and parsed.database != ":memory:":
             kwargs.setdefault("pool_size", 20)
             kwargs.setdefault("max_overflow", 20)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": _BUSY_SECONDS}, **kwargs)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -59,7 +112,7 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={_BUSY_SECONDS * 1000}")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -72,7 +125,7 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
             # reads begins a deferred transaction that never blocks behind a long write.
             conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(_WRITE) else "BEGIN")
 
-        engine.begin = _writing_begin.__get__(engine)  # type: ignore[method-assign]
+        engine.begin = functools.partial(_writing_begin, engine, FairWriteLock())  # type: ignore[method-assign]
         return engine
     # Search SQL is generated per query and its best plan depends on the values (one patient's rows or a
     # whole code system): server-side prepared statements would switch to generic plans after five runs
