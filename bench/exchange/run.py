@@ -3,6 +3,7 @@
 
     python bench/exchange/run.py [--transfers 300] [--paced 150 --rate 20] [--concurrency 8] [--import]
     python bench/exchange/run.py --link [--transfers 304]
+    (either with --db postgresql: each unit on its own PostgreSQL database instead of an SQLite file)
 
 Topology: the provincial hub (24000), the sending facility (24901, Bắc Giang provincial general hospital)
 and the receiver (01001, Bạch Mai), each a real `lienthong serve --role hub|node --config FILE` process on
@@ -93,10 +94,16 @@ class Province:
     """Three units as `lienthong serve` processes, optionally with emulated links between them."""
 
     def __init__(self, folder: Path, n: int, cleanup: Cleanup, link: LinkProfile | None, concurrency: int,
-                 receiver_import: bool, server_src: Path) -> None:
+                 receiver_import: bool, server_src: Path, db: str = "sqlite") -> None:
         self.folder = folder
         self.cleanup = cleanup
         self.urls = {code: f"sqlite:///{folder / f'{code}.db'}" for code in (HUB[0], SENDER, RECEIVER)}
+        if db == "postgresql":  # production: each unit on its own database of one throw-away cluster
+            from lienthong.devtools.pgserver import PostgresServer
+
+            pg = PostgresServer().start()
+            cleanup.push("postgresql", pg.stop)
+            self.urls = {code: pg.create_database(f"unit_{code}") for code in self.urls}
         self.ports = {code: free_port() for code in self.urls}
         self.links: list[NetLink] = []
         hub_for_sender = hub_for_receiver = self.ports[HUB[0]]
@@ -221,7 +228,8 @@ def reference(payload: bytes, requests: int, concurrency: int, folder: Path, cle
 
 def throughput(args: argparse.Namespace, folder: Path, cleanup: Cleanup) -> dict[str, Any]:
     n, m = args.transfers, args.paced
-    province = Province(folder, n + m, cleanup, None, args.concurrency, args.receiver_import, args.server_src)
+    province = Province(folder, n + m, cleanup, None, args.concurrency, args.receiver_import, args.server_src,
+                        args.db)
     busy = background_busy(2.0)
     log(f"machine busy before the run (other users): {busy:.0%}")
     now = int(time.time() * 1_000_000)
@@ -266,7 +274,7 @@ def throughput(args: argparse.Namespace, folder: Path, cleanup: Cleanup) -> dict
 def over_link(args: argparse.Namespace, folder: Path, cleanup: Cleanup) -> dict[str, Any]:
     n = args.transfers
     profile = LinkProfile(rate_bps=1_000_000, one_way_delay=0.150, loss=0.05)
-    province = Province(folder, n, cleanup, profile, args.concurrency, True, args.server_src)
+    province = Province(folder, n, cleanup, profile, args.concurrency, True, args.server_src, args.db)
     busy = background_busy(2.0)
     log(f"machine busy before the run (other users): {busy:.0%}")
     released = province.release([int(time.time() * 1_000_000)] * n)
@@ -307,6 +315,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8, help="send_concurrency of every unit (and of the reference)")
     ap.add_argument("--import", dest="receiver_import", action="store_true", help="import at the receiver meanwhile")
     ap.add_argument("--link", action="store_true", help="the 304 batch over the emulated slow, lossy link")
+    ap.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite",
+                    help="every unit's database: an SQLite file each, or a database each on one PostgreSQL cluster")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--server-src", type=Path, default=REPO / "src",
                     help="the lienthong sources the three servers run (e.g. a checkout of an earlier commit)")
@@ -324,7 +334,7 @@ def main() -> None:
         cleanup.run()
     result.update({"cores": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],
                    "loadavg_after": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
-                   "send_concurrency": args.concurrency, "server_src": str(args.server_src),
+                   "send_concurrency": args.concurrency, "server_src": str(args.server_src), "db": args.db,
                    "receiver_import": args.receiver_import or args.link,
                    "command": "python bench/exchange/run.py " + " ".join(sys.argv[1:])})
     out = args.out or RESULTS / ("exchange-link.json" if args.link else "exchange.json")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, select
 
 from lienthong.fhir.datetimes import format_instant, now_us
 from lienthong.interactions.guard import RemoteAccess
@@ -32,6 +32,10 @@ from lienthong.storage.engine import read_connection
 logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
+# Group commit: once a record is pending, the writer lingers this long for concurrent requests' records, so
+# one transaction carries many (a commit's fixed cost is several times a record's); small next to a read.
+LINGER_SECONDS = 0.002
+LINGER_BATCH = 64  # ...unless this many are already waiting
 COMMIT_ATTEMPTS = 4  # a batch that fails (e.g. SQLite busy) is retried before its waiters are failed
 
 _ACTION_CODE = {"create": "C", "read": "R", "vread": "R", "search": "E", "history": "R", "update": "U",
@@ -176,11 +180,18 @@ def _balp_query(event: dict[str, Any], actor: dict[str, Any], entities: list[dic
                               "code": "XrequestId"}})
 
 
-# Built once: the audit writer runs these for every batch.
-_HEAD = select(schema.audit_head.c.seq, schema.audit_head.c.hash).where(schema.audit_head.c.id == 1)
-_HEAD_LOCKED = _HEAD.with_for_update()
-_MOVE_HEAD = (update(schema.audit_head).where(schema.audit_head.c.id == 1)
-              .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")))
+def _statements(mark: str, lock: str) -> tuple[str, str, str, str]:
+    """The writer's four statements in the driver's own paramstyle: the audit writer runs them for every
+    batch, so they bypass SQL compilation (about a third of a small batch's cost)."""
+    cols = "seq, recorded, actor, facility, action, outcome, body, prev_hash, hash"
+    return (f"SELECT seq, hash FROM audit_head WHERE id = 1{lock}",
+            f"INSERT INTO audit_log ({cols}) VALUES ({', '.join([mark] * 9)})",
+            f"INSERT INTO audit_patient (seq, patient_id) VALUES ({mark}, {mark})",
+            f"UPDATE audit_head SET seq = {mark}, hash = {mark} WHERE id = 1")
+
+
+_SQLITE_SQL = _statements("?", "")
+_POSTGRES_SQL = _statements("%s", " FOR UPDATE")
 
 
 def _chain(prev: str, seq: int, body: bytes, columns: tuple[Any, ...] = ()) -> str:
@@ -206,27 +217,32 @@ class AuditTrail:
         """Append records inside the caller's transaction (used for writes: both commit or neither)."""
         if not records:
             return
-        seq, prev = conn.execute(_HEAD if self.sqlite else _HEAD_LOCKED).one()
-        rows: list[dict[str, Any]] = []
-        patients: list[dict[str, Any]] = []
-        for rec in records:
-            seq += 1
-            rec.recorded = rec.recorded or now_us()
-            event = rec.to_fhir()
-            event["id"] = str(seq)
-            body = orjson.dumps(event)
-            patient_ids = sorted(set(rec.patients))
-            digest = _chain(prev, seq, body, (rec.recorded, rec.actor, rec.facility, rec.action, str(rec.outcome),
-                                              ",".join(patient_ids)))
-            rows.append({"seq": seq, "recorded": rec.recorded, "actor": rec.actor, "facility": rec.facility,
-                         "action": rec.action, "outcome": str(rec.outcome),
-                         "body": body, "prev_hash": prev, "hash": digest})
-            patients.extend({"seq": seq, "patient_id": p} for p in patient_ids)
-            prev = digest
-        conn.execute(insert(schema.audit_log), rows)
-        if patients:
-            conn.execute(insert(schema.audit_patient), patients)
-        conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
+        head, add_log, add_patient, move_head = _SQLITE_SQL if self.sqlite else _POSTGRES_SQL
+        cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cur.execute(head)
+            seq, prev = cur.fetchone()
+            rows: list[tuple[Any, ...]] = []
+            patients: list[tuple[int, str]] = []
+            for rec in records:
+                seq += 1
+                rec.recorded = rec.recorded or now_us()
+                event = rec.to_fhir()
+                event["id"] = str(seq)
+                body = orjson.dumps(event)
+                patient_ids = sorted(set(rec.patients))
+                outcome = str(rec.outcome)
+                digest = _chain(prev, seq, body, (rec.recorded, rec.actor, rec.facility, rec.action, outcome,
+                                                  ",".join(patient_ids)))
+                rows.append((seq, rec.recorded, rec.actor, rec.facility, rec.action, outcome, body, prev, digest))
+                patients.extend((seq, p) for p in patient_ids)
+                prev = digest
+            cur.executemany(add_log, rows)
+            if patients:
+                cur.executemany(add_patient, patients)
+            cur.execute(move_head, (seq, prev))
+        finally:
+            cur.close()
 
     def submit(self, record: AuditRecord, waited: bool = True) -> Future[None]:
         """Queue a record of a read-type interaction; the future resolves once it is committed (group commit).
@@ -260,6 +276,9 @@ class AuditTrail:
                     self._wake.wait()
                 if self._stopping and not self._pending:
                     return
+                linger = len(self._pending) < LINGER_BATCH and not self._stopping
+            if linger:  # a plain sleep: every new record notifies, which would cut a condition wait short
+                time.sleep(LINGER_SECONDS)
             try:
                 self.flush()
             except Exception:  # waiters were failed, unwaited records re-queued: pause before retrying
