@@ -211,6 +211,7 @@ class AuditTrail:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one batch in flight at a time: the chain order is commit order
+        self._writer_conn: Connection | None = None  # PostgreSQL: the writer's own connection (under _flush_lock)
 
     # ---- writing -------------------------------------------------------------
     def record_in(self, conn: Connection, records: Sequence[AuditRecord]) -> None:
@@ -296,8 +297,7 @@ class AuditTrail:
             records = [rec for rec, _, _ in batch]
             for attempt in range(COMMIT_ATTEMPTS):
                 try:
-                    with self.engine.begin() as conn:
-                        self.record_in(conn, records)
+                    self._commit(records)
                     break
                 except Exception as exc:
                     if attempt == COMMIT_ATTEMPTS - 1:
@@ -312,6 +312,25 @@ class AuditTrail:
             for _, done, _ in batch:
                 done.set_result(None)
 
+    def _commit(self, records: list[AuditRecord]) -> None:
+        """One transaction for a batch. On PostgreSQL the writer keeps its own connection: a pool checkout
+        costs a pre-ping round trip per batch; SQLite's writes go through the engine's fair write lock."""
+        if self.sqlite:
+            with self.engine.begin() as tx:
+                self.record_in(tx, records)
+            return
+        conn = self._writer_conn
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self.engine.connect()
+            self._writer_conn = conn
+        try:
+            with conn.begin():
+                self.record_in(conn, records)
+        except Exception:
+            self._writer_conn = None
+            conn.close()  # a connection in doubt is not reused
+            raise
+
     def close(self) -> None:
         with self._wake:
             self._stopping = True
@@ -320,6 +339,10 @@ class AuditTrail:
             self._thread.join(timeout=5)
             self._thread = None
         self.flush()
+        with self._flush_lock:
+            if self._writer_conn is not None:
+                self._writer_conn.close()
+                self._writer_conn = None
 
     # ---- reading -------------------------------------------------------------
     def events(self, patient: str | None = None, actor: str | None = None, since: int | None = None,
