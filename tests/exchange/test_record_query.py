@@ -217,6 +217,15 @@ def test_locator_chooses_the_facilities_and_http_operation_works(province: Provi
         assert bad.status_code == 400 and bad.json()["resourceType"] == "OperationOutcome"
         anonymous = http.get(f"/fhir/Patient/{here[0]['id']}/$remote-everything")
         assert anonymous.status_code == 401
+        capability = http.get("/fhir/metadata").json()  # the statement tells what this node really serves
+        patient_ops = {o["name"] for r in capability["rest"][0]["resource"] if r["type"] == "Patient"
+                       for o in r.get("operation", [])}
+        assert {"everything", "remote-everything", "transfer", "match", "merge", "unmerge"} <= patient_ops
+        assert "mpi-review" in {o["name"] for o in capability["rest"][0]["operation"]}
+    with httpx.Client(base_url=hub.base, timeout=60) as http:  # the hub relays queries; it does not ask them
+        hub_ops = {o["name"] for r in http.get("/fhir/metadata").json()["rest"][0]["resource"]
+                   if r["type"] == "Patient" for o in r.get("operation", [])}
+        assert "remote-everything" not in hub_ops and "everything" in hub_ops
 
 
 def test_forged_and_replayed_queries_are_refused(province: Province) -> None:

@@ -31,7 +31,7 @@ from lienthong.fhir.shaping import shape
 from lienthong.identity.service import IdentityService
 from lienthong.interactions.body import parse_json, parse_resource
 from lienthong.interactions.bundles import BundleProcessor
-from lienthong.interactions.capability import capability_statement
+from lienthong.interactions.capability import OWN_DEFINITIONS, Operation, capability_statement
 from lienthong.interactions.context import Context
 from lienthong.interactions.export import ExportManager
 from lienthong.interactions.guard import AuditFacts
@@ -76,6 +76,15 @@ class FhirApi:
         self.bundles = BundleProcessor(service)
         self.exports = ExportManager(service)
         self._capability: dict[str, Any] | None = None
+        self.operations: list[Operation] = []  # what the optional parts add, for the CapabilityStatement
+        if identity is not None:
+            self.operations += [
+                ("Patient", "match", "http://hl7.org/fhir/OperationDefinition/Patient-match"),
+                ("Patient", "merge", f"{OWN_DEFINITIONS}/Patient-merge"),
+                ("Patient", "unmerge", f"{OWN_DEFINITIONS}/Patient-unmerge"),
+                ("Patient", "mpi-link", f"{OWN_DEFINITIONS}/Patient-mpi-link"),
+                (None, "mpi-review", f"{OWN_DEFINITIONS}/mpi-review"),
+            ]
 
     # ---- plumbing --------------------------------------------------------------
     def base_context(self, request: Request) -> Context:
@@ -166,7 +175,8 @@ class FhirApi:
 
     def capability(self, ctx: Context) -> dict[str, Any]:
         if self._capability is None:
-            self._capability = capability_statement(self.service.registry, ctx.base_url)
+            self._capability = capability_statement(self.service.registry, ctx.base_url,
+                                                    operations=self.operations)
         return self._capability
 
     # ---- endpoints -------------------------------------------------------------
@@ -491,7 +501,9 @@ def build_app(service: FhirService, settings: ApiSettings | None = None,
     if exchange is not None:
         from lienthong.api.exchange import ExchangeApi
 
-        all_routes = ExchangeApi(exchange, api).routes() + all_routes
+        exchange_api = ExchangeApi(exchange, api)
+        all_routes = exchange_api.routes() + all_routes
+        api.operations += exchange_api.operations()
     if auth is not None:
         all_routes = AuthApi(auth, api.base_context).routes() + all_routes
     middleware = [Middleware(SecurityHeaders)]

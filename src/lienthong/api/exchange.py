@@ -23,6 +23,7 @@ from lienthong.exchange.registry import Facility
 from lienthong.exchange.service import ExchangeService
 from lienthong.fhir.outcome import error
 from lienthong.interactions.body import parse_json
+from lienthong.interactions.capability import OWN_DEFINITIONS, Operation
 
 MAX_EXCHANGE_BODY = 8 * 1024 * 1024
 
@@ -145,6 +146,14 @@ class ExchangeApi:
         from lienthong.interactions.guard import AuditFacts
 
         self.exchange.service.guard.on_access(ctx, AuditFacts("admin", detail=detail))
+
+    def operations(self) -> list[Operation]:
+        """The FHIR operations these routes add, for the CapabilityStatement."""
+        ops: list[Operation] = [("Patient", "transfer", f"{OWN_DEFINITIONS}/Patient-transfer"),
+                                ("Task", "transfer-step", f"{OWN_DEFINITIONS}/Task-transfer-step")]
+        if self.exchange.config.role != "hub":
+            ops.append(("Patient", "remote-everything", f"{OWN_DEFINITIONS}/Patient-remote-everything"))
+        return ops
 
     def routes(self) -> list[Route]:
         out = [

@@ -7,6 +7,7 @@ implemented interactions, so it cannot claim more than exists.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from lienthong import __version__
@@ -27,7 +28,15 @@ _MODIFIER_NOTE = {
 }
 
 
-def capability_statement(registry: SearchRegistry, base_url: str, security: dict[str, Any] | None = None) -> dict[str, Any]:
+# An operation the node serves beyond the core ones: (resource type, or None at system level; name; definition).
+Operation = tuple[str | None, str, str]
+OWN_DEFINITIONS = "https://lienthong.vn/fhir/OperationDefinition"
+
+
+def capability_statement(registry: SearchRegistry, base_url: str, security: dict[str, Any] | None = None,
+                         operations: Sequence[Operation] = ()) -> dict[str, Any]:
+    """What this node really serves: the core interactions and operations, plus `operations` that the
+    composition added (the patient index and the exchange are optional parts of a node)."""
     resources = []
     for rtype in sorted(registry.by_type):
         params = registry.params(rtype)
@@ -56,9 +65,7 @@ def capability_statement(registry: SearchRegistry, base_url: str, security: dict
                     for c, p in sorted(params.items())
                 ],
             ],
-            **({"operation": [{"name": "everything",
-                               "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]}
-               if rtype == "Patient" else {}),
+            **_operations(rtype, operations),
         })
     rest: dict[str, Any] = {
         "mode": "server",
@@ -74,6 +81,7 @@ def capability_statement(registry: SearchRegistry, base_url: str, security: dict
             {"name": "meta-add", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-meta-add"},
             {"name": "meta-delete", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-meta-delete"},
             {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"},
+            *({"name": name, "definition": url} for on, name, url in operations if on is None),
         ],
     }
     if security:
@@ -91,3 +99,10 @@ def capability_statement(registry: SearchRegistry, base_url: str, security: dict
         "patchFormat": ["application/json-patch+json"],
         "rest": [rest],
     }
+
+
+def _operations(rtype: str, extra: Sequence[Operation]) -> dict[str, Any]:
+    ops = [{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}] \
+        if rtype == "Patient" else []
+    ops += [{"name": name, "definition": url} for on, name, url in extra if on == rtype]
+    return {"operation": ops} if ops else {}
