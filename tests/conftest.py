@@ -13,6 +13,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,3 +76,19 @@ def client(db_url: str) -> Iterator[TestClient]:
 
 
 BASE = "http://testserver/fhir"
+
+
+def put(client: TestClient, resource: dict[str, Any]) -> dict[str, Any]:
+    """Create or update a resource under its own id; the test fails unless it was stored."""
+    r = client.put(f"/fhir/{resource['resourceType']}/{resource['id']}", json=resource)
+    assert r.status_code in (200, 201), r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def assert_outcome(r: Any, status: int) -> dict[str, Any]:
+    """The response has `status` and a non-empty OperationOutcome."""
+    assert r.status_code == status, r.text
+    body: dict[str, Any] = r.json()
+    assert body["resourceType"] == "OperationOutcome" and body["issue"], body
+    return body

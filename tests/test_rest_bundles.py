@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from starlette.testclient import TestClient
 
-from conftest import BASE
+from conftest import BASE, put
 
 JSON = dict[str, Any]
 SYS = "urn:oid:2.16.840.1.113883.2.24.1"
@@ -80,13 +80,6 @@ def patient(**extra: Any) -> JSON:
 def observation(**extra: Any) -> JSON:
     return {"resourceType": "Observation", "status": "final",
             "code": {"coding": [{"system": LOINC, "code": "2345-7"}]}, **extra}
-
-
-def put(client: TestClient, resource: JSON) -> JSON:
-    r = client.put(f"/fhir/{resource['resourceType']}/{resource['id']}", json=resource)
-    assert r.status_code in (200, 201), r.text
-    body: JSON = r.json()
-    return body
 
 
 def binary_patch(ops: list[JSON]) -> JSON:

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from starlette.testclient import TestClient
 
-from conftest import BASE
+from conftest import BASE, assert_outcome, put
 
 JSON = dict[str, Any]
 LOINC = "http://loinc.org"
@@ -17,20 +17,6 @@ ASYNC = {"Prefer": "respond-async"}
 TAG1 = {"system": "http://lienthong.vn/tags", "code": "chuyen-vien"}
 TAG2 = {"system": "http://lienthong.vn/tags", "code": "bao-hiem"}
 PROFILE = "http://fhir.moh.gov.vn/StructureDefinition/vn-patient"
-
-
-def put(client: TestClient, resource: JSON) -> JSON:
-    r = client.put(f"/fhir/{resource['resourceType']}/{resource['id']}", json=resource)
-    assert r.status_code in (200, 201), r.text
-    body: JSON = r.json()
-    return body
-
-
-def assert_outcome(r: Any, status: int) -> JSON:
-    assert r.status_code == status, r.text
-    body: JSON = r.json()
-    assert body["resourceType"] == "OperationOutcome" and body["issue"], body
-    return body
 
 
 def key(resource: JSON) -> str:

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from starlette.testclient import TestClient
 
-from conftest import BASE
+from conftest import BASE, assert_outcome, put
 
 JSON = dict[str, Any]
 SYS = "urn:oid:2.16.840.1.113883.2.24.1"
@@ -26,13 +26,6 @@ UCUM = "http://unitsofmeasure.org"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def put(client: TestClient, resource: JSON) -> JSON:
-    r = client.put(f"/fhir/{resource['resourceType']}/{resource['id']}", json=resource)
-    assert r.status_code in (200, 201), r.text
-    body: JSON = r.json()
-    return body
 
 
 def get_bundle(client: TestClient, url: str, **kwargs: Any) -> JSON:
@@ -84,13 +77,6 @@ def walk(client: TestClient, url: str) -> tuple[list[str], list[JSON]]:
         ids += matches(page)
         next_url = link(page, "next")
     return ids, pages
-
-
-def assert_outcome(r: Any, status: int) -> JSON:
-    assert r.status_code == status, r.text
-    body: JSON = r.json()
-    assert body["resourceType"] == "OperationOutcome" and body["issue"], body
-    return body
 
 
 def patient(rid: str, family: str | None = None, given: tuple[str, ...] = (), **extra: Any) -> JSON:

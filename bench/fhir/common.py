@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,18 +84,16 @@ def install_signal_handlers() -> None:
 # ---- databases -------------------------------------------------------------------
 
 
-class Backend:
-    """A place to make fresh, empty databases: a private PG cluster or a temp dir of SQLite files.
-
-    Abstract: PgBackend and SqliteBackend implement both methods."""
+class Backend(ABC):
+    """A place to make fresh, empty databases: a private PG cluster or a temp dir of SQLite files."""
 
     name: str
 
-    def new_url(self, dbname: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def new_url(self, dbname: str) -> str: ...
 
-    def stop(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def stop(self) -> None: ...
 
 
 class PgBackend(Backend):

@@ -49,6 +49,9 @@ from typing import Any
 warnings.filterwarnings("ignore", message=".*httpx.*", category=DeprecationWarning)
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench" / "fhir"))
+from common import percentile  # noqa: E402  (the benchmarks' one nearest-rank percentile)
+
 RESULTS = ROOT / "bench" / "results" / "mpi_match.json"
 TARGET_P95_MS = 20.0
 FATHER = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "FTH"}]}
@@ -62,15 +65,6 @@ _LOAD: list[Any] = []
 
 def log(msg: str) -> None:
     print(f"[{time.monotonic() - _T0:8.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, round(p / 100.0 * len(s) + 0.5) - 1))
-    return s[k]
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
+from conftest import assert_outcome as outcome
 from lienthong.identity import identifiers as ids
 
 JSON = dict[str, Any]
@@ -119,13 +120,6 @@ def graded(bundle: JSON) -> dict[str, str]:
         out[e["resource"]["id"]] = ext["valueCode"]
     assert scores == sorted(scores, reverse=True), "entries must be best first"
     return out
-
-
-def outcome(r: Any, status: int) -> JSON:
-    assert r.status_code == status, r.text
-    body: JSON = r.json()
-    assert body["resourceType"] == "OperationOutcome" and body["issue"], body
-    return body
 
 
 def patient_count(c: TestClient) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -523,7 +524,7 @@ def build_app(service: FhirService, settings: ApiSettings | None = None,
 Send = Callable[[Any], Awaitable[None]]
 
 
-class _SendFilter:
+class _SendFilter(ABC):
     """ASGI middleware that sees every outgoing message of an HTTP request through `filter`."""
 
     def __init__(self, app: Any) -> None:
@@ -535,8 +536,9 @@ class _SendFilter:
             return
         await self.app(scope, receive, self.filter(scope, send))
 
+    @abstractmethod
     def filter(self, scope: Any, send: Send) -> Send:
-        raise NotImplementedError
+        """Wrap `send` for one request."""
 
 
 class SecurityHeaders(_SendFilter):

@@ -561,7 +561,7 @@ class ExchangeService:
         if row is None:
             return
         envelope = Envelope.parse(row[1].encode())
-        # One side of the pair is the incoming package's placeholder, the other the local candidate.
+        # One side of the pair is the incoming package (id "incoming:<package>"), the other the local candidate.
         existing = (right if left.startswith("incoming:") else left) if decision == "match" else None
         self._import_transfer(store, self.system_context(envelope.sender), envelope, existing, decided=True)
         store.conn.execute(delete(parked_package).where(parked_package.c.package_id == row[0]))
