@@ -179,14 +179,14 @@ def test_failed_transaction_leaves_no_data_and_no_success_record(world: World) -
 
 def test_an_audit_failure_aborts_the_write(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     audit = world.audit
-    real = audit.record_in
+    real = audit.append
 
     def failing(conn: Any, records: Any) -> None:
         if any(r.action in ("create", "transaction") for r in records):
             raise RuntimeError("audit store unavailable")
         real(conn, records)
 
-    monkeypatch.setattr(audit, "record_in", failing)
+    monkeypatch.setattr(audit, "append", failing)
     http = TestClient(world.app, raise_server_exceptions=False)
     body = {"resourceType": "Patient", "name": [{"family": "Khôngghi"}]}
     r = http.post("/fhir/Patient", json=body, headers=world.h("system-facility"))
@@ -202,7 +202,7 @@ def test_a_transient_commit_failure_is_retried(world: World, monkeypatch: pytest
     from lienthong.security.audit import AuditRecord
 
     audit = world.audit
-    real = audit.record_in
+    real = audit.append
     failures: list[int] = []
 
     def flaky(conn: Any, records: Any) -> None:
@@ -211,7 +211,7 @@ def test_a_transient_commit_failure_is_retried(world: World, monkeypatch: pytest
             raise RuntimeError("database is locked")
         real(conn, records)
 
-    monkeypatch.setattr(audit, "record_in", flaky)
+    monkeypatch.setattr(audit, "append", flaky)
     audit.record(AuditRecord(action="read", outcome=0, actor="probe", actor_kind="user", roles=(), facility=None,
                              address=None, node="test", patients=["p1a"], detail="probe-flush"))
     assert failures == [1]
@@ -223,7 +223,7 @@ def test_a_record_nobody_waits_for_survives_a_failed_commit(world: World, monkey
     from lienthong.security.audit import COMMIT_ATTEMPTS, AuditRecord
 
     audit = world.audit
-    real = audit.record_in
+    real = audit.append
     failures: list[int] = []
 
     def down(conn: Any, records: Any) -> None:
@@ -232,7 +232,7 @@ def test_a_record_nobody_waits_for_survives_a_failed_commit(world: World, monkey
             raise RuntimeError("database is locked")
         real(conn, records)
 
-    monkeypatch.setattr(audit, "record_in", down)
+    monkeypatch.setattr(audit, "append", down)
     monkeypatch.setattr("lienthong.security.audit.time.sleep", lambda s: None)
     audit.submit(AuditRecord(action="read", outcome=0, actor="probe-u", actor_kind="client", roles=(),
                              facility=None, address=None, node="test", patients=["p1a"], detail="probe-unwaited"),
@@ -251,14 +251,14 @@ def test_a_record_nobody_waits_for_survives_a_failed_commit(world: World, monkey
 def test_a_read_is_not_answered_when_its_audit_cannot_be_written(world: World,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     audit = world.audit
-    real = audit.record_in
+    real = audit.append
 
     def failing(conn: Any, records: Any) -> None:
         if any(r.action == "read" for r in records):
             raise RuntimeError("audit store unavailable")
         real(conn, records)
 
-    monkeypatch.setattr(audit, "record_in", failing)
+    monkeypatch.setattr(audit, "append", failing)
     monkeypatch.setattr("lienthong.security.audit.time.sleep", lambda s: None)  # no retry back-off here
     http = TestClient(world.app, raise_server_exceptions=False)
     r = http.get("/fhir/Patient/p1a", headers=world.h("system-facility"))
@@ -277,14 +277,14 @@ def test_concurrent_reads_are_group_committed_into_one_verified_chain(world: Wor
     import httpx
 
     audit = world.audit
-    real = audit.record_in
+    real = audit.append
     batches: list[int] = []
 
     def counting(conn: Any, records: Any) -> None:
         real(conn, records)
         batches.append(len(records))
 
-    monkeypatch.setattr(audit, "record_in", counting)
+    monkeypatch.setattr(audit, "append", counting)
     start = head_seq(world.app)
     n = 40
 

@@ -58,3 +58,53 @@ def test_concurrent_sqlite_writers_all_commit(tmp_path: Path) -> None:
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*), count(DISTINCT n) FROM t")).one() == (160, 160)
     engine.dispose()
+
+
+def test_a_dedicated_writer_takes_its_turn_and_rolls_back_a_failed_batch(tmp_path: Path) -> None:
+    """The audit writer's own connection queues with the engine's other writers, and a batch that raises
+    leaves nothing behind; the next batch gets a fresh connection and commits."""
+    import pytest
+
+    from lienthong.storage.engine import DedicatedWriter
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'd.db'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (n INTEGER)"))
+    writer = DedicatedWriter(engine)
+    with pytest.raises(RuntimeError), writer.transaction() as cur:
+        cur.execute("INSERT INTO t VALUES (1)")
+        raise RuntimeError("batch failed")
+    order: list[str] = []
+    with engine.begin() as conn:  # holds the write lock: the writer must wait for it, not fail or overtake
+        started = threading.Event()
+
+        def dedicated() -> None:
+            started.set()
+            with writer.transaction() as cur:
+                cur.execute("INSERT INTO t VALUES (2)")
+                order.append("dedicated")
+
+        thread = threading.Thread(target=dedicated)
+        thread.start()
+        started.wait(5)
+        time.sleep(0.1)
+        conn.execute(text("INSERT INTO t VALUES (3)"))
+        order.append("engine")
+    thread.join(10)
+    assert order == ["engine", "dedicated"]
+    with engine.connect() as conn:
+        assert sorted(r[0] for r in conn.execute(text("SELECT n FROM t"))) == [2, 3]
+    writer.close()
+    engine.dispose()
+
+
+def test_instants_and_http_dates_render_as_strftime_would() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from lienthong.fhir.datetimes import format_http_date, format_instant
+
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for us in (0, 999, 1_000_000_123_456, 1_764_000_000_999_999, 951_782_400_000_000, 253_402_300_799_999_999):
+        moment = epoch + timedelta(microseconds=us)
+        assert format_instant(us) == moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+        assert format_http_date(us) == moment.strftime("%a, %d %b %Y %H:%M:%S GMT")

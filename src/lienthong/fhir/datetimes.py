@@ -83,13 +83,20 @@ def now_us() -> int:
     return _us(datetime.now(UTC))
 
 
+_NAIVE_EPOCH = datetime(1970, 1, 1)
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
 def format_instant(us: int) -> str:
-    """Render microseconds as a FHIR instant with millisecond precision (what servers usually emit)."""
-    dt = _EPOCH + timedelta(microseconds=us)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    """Render microseconds as a FHIR instant with millisecond precision (what servers usually emit).
+
+    Every read answer and audit record formats one, so it avoids `strftime` (several times slower)."""
+    return (_NAIVE_EPOCH + timedelta(microseconds=us)).isoformat(timespec="milliseconds") + "Z"
 
 
 def format_http_date(us: int) -> str:
-    """RFC 7231 date for Last-Modified."""
-    dt = _EPOCH + timedelta(microseconds=us)
-    return dt.strftime("%a, %d %b %Y %H:%M:%S GMT")
+    """RFC 7231 date for Last-Modified, in English whatever the process locale (as `strftime` is not)."""
+    dt = _NAIVE_EPOCH + timedelta(microseconds=us)
+    return (f"{_DAYS[dt.weekday()]}, {dt.day:02d} {_MONTHS[dt.month]} {dt.year:04d} "
+            f"{dt.hour:02d}:{dt.minute:02d}:{dt.second:02d} GMT")

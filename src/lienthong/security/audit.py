@@ -27,7 +27,7 @@ from sqlalchemy import Connection, Engine, select
 from lienthong.fhir.datetimes import format_instant, now_us
 from lienthong.interactions.guard import RemoteAccess
 from lienthong.storage import schema
-from lienthong.storage.engine import read_connection
+from lienthong.storage.engine import DedicatedWriter, read_connection
 
 logger = logging.getLogger(__name__)
 
@@ -211,39 +211,43 @@ class AuditTrail:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one batch in flight at a time: the chain order is commit order
-        self._writer_conn: Connection | None = None  # PostgreSQL: the writer's own connection (under _flush_lock)
+        self._writer: DedicatedWriter | None = None  # the writer's own connection (used under _flush_lock)
 
     # ---- writing -------------------------------------------------------------
     def record_in(self, conn: Connection, records: Sequence[AuditRecord]) -> None:
         """Append records inside the caller's transaction (used for writes: both commit or neither)."""
         if not records:
             return
-        head, add_log, add_patient, move_head = _SQLITE_SQL if self.sqlite else _POSTGRES_SQL
         cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         try:
-            cur.execute(head)
-            seq, prev = cur.fetchone()
-            rows: list[tuple[Any, ...]] = []
-            patients: list[tuple[int, str]] = []
-            for rec in records:
-                seq += 1
-                rec.recorded = rec.recorded or now_us()
-                event = rec.to_fhir()
-                event["id"] = str(seq)
-                body = orjson.dumps(event)
-                patient_ids = sorted(set(rec.patients))
-                outcome = str(rec.outcome)
-                digest = _chain(prev, seq, body, (rec.recorded, rec.actor, rec.facility, rec.action, outcome,
-                                                  ",".join(patient_ids)))
-                rows.append((seq, rec.recorded, rec.actor, rec.facility, rec.action, outcome, body, prev, digest))
-                patients.extend((seq, p) for p in patient_ids)
-                prev = digest
-            cur.executemany(add_log, rows)
-            if patients:
-                cur.executemany(add_patient, patients)
-            cur.execute(move_head, (seq, prev))
+            self.append(cur, records)
         finally:
             cur.close()
+
+    def append(self, cur: Any, records: Sequence[AuditRecord]) -> None:
+        """Chain and insert records through a driver cursor of an open transaction (both write paths)."""
+        head, add_log, add_patient, move_head = _SQLITE_SQL if self.sqlite else _POSTGRES_SQL
+        cur.execute(head)
+        seq, prev = cur.fetchone()
+        rows: list[tuple[Any, ...]] = []
+        patients: list[tuple[int, str]] = []
+        for rec in records:
+            seq += 1
+            rec.recorded = rec.recorded or now_us()
+            event = rec.to_fhir()
+            event["id"] = str(seq)
+            body = orjson.dumps(event)
+            patient_ids = sorted(set(rec.patients))
+            outcome = str(rec.outcome)
+            digest = _chain(prev, seq, body, (rec.recorded, rec.actor, rec.facility, rec.action, outcome,
+                                              ",".join(patient_ids)))
+            rows.append((seq, rec.recorded, rec.actor, rec.facility, rec.action, outcome, body, prev, digest))
+            patients.extend((seq, p) for p in patient_ids)
+            prev = digest
+        cur.executemany(add_log, rows)
+        if patients:
+            cur.executemany(add_patient, patients)
+        cur.execute(move_head, (seq, prev))
 
     def submit(self, record: AuditRecord, waited: bool = True) -> Future[None]:
         """Queue a record of a read-type interaction; the future resolves once it is committed (group commit).
@@ -313,23 +317,12 @@ class AuditTrail:
                 done.set_result(None)
 
     def _commit(self, records: list[AuditRecord]) -> None:
-        """One transaction for a batch. On PostgreSQL the writer keeps its own connection: a pool checkout
-        costs a pre-ping round trip per batch; SQLite's writes go through the engine's fair write lock."""
-        if self.sqlite:
-            with self.engine.begin() as tx:
-                self.record_in(tx, records)
-            return
-        conn = self._writer_conn
-        if conn is None or conn.closed or conn.invalidated:
-            conn = self.engine.connect()
-            self._writer_conn = conn
-        try:
-            with conn.begin():
-                self.record_in(conn, records)
-        except Exception:
-            self._writer_conn = None
-            conn.close()  # a connection in doubt is not reused
-            raise
+        """One transaction for a batch, on the writer's own connection (`DedicatedWriter`): a pool checkout
+        and SQLAlchemy's transaction events cost more than a small batch's four statements."""
+        if self._writer is None:
+            self._writer = DedicatedWriter(self.engine)
+        with self._writer.transaction() as cur:
+            self.append(cur, records)
 
     def close(self) -> None:
         with self._wake:
@@ -340,9 +333,9 @@ class AuditTrail:
             self._thread = None
         self.flush()
         with self._flush_lock:
-            if self._writer_conn is not None:
-                self._writer_conn.close()
-                self._writer_conn = None
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
 
     # ---- reading -------------------------------------------------------------
     def events(self, patient: str | None = None, actor: str | None = None, since: int | None = None,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from sqlalchemy.engine import make_url
 DEFAULT_SQLITE = "sqlite:///var/lienthong.db"
 _WRITE = "lienthong_write"
 _BUSY_SECONDS = 30
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, FairWriteLock] = weakref.WeakKeyDictionary()
 
 
 class FairWriteLock:
@@ -125,7 +127,9 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
             # reads begins a deferred transaction that never blocks behind a long write.
             conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(_WRITE) else "BEGIN")
 
-        engine.begin = functools.partial(_writing_begin, engine, FairWriteLock())  # type: ignore[method-assign]
+        lock = FairWriteLock()
+        _WRITE_LOCKS[engine] = lock
+        engine.begin = functools.partial(_writing_begin, engine, lock)  # type: ignore[method-assign]
         return engine
     # Search SQL is generated per query and its best plan depends on the values (one patient's rows or a
     # whole code system): server-side prepared statements would switch to generic plans after five runs
@@ -135,6 +139,53 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     kwargs.setdefault("max_overflow", 10)
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
+
+
+class DedicatedWriter:
+    """A connection one background writer keeps for itself and drives at the driver level.
+
+    Why: the audit trail commits a small batch every few milliseconds; a pool checkout (with its
+    pre-ping round trip on PostgreSQL) and SQLAlchemy's transaction events cost more than the batch's
+    own statements. On SQLite the writer still queues on the engine's fair write lock, so it takes its
+    turn with every other writer of the process. A connection whose transaction failed is discarded."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = _WRITE_LOCKS.get(engine)
+        self._sqlite = is_sqlite(engine)
+        self._conn: Any = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """A driver cursor inside a transaction that commits when the block ends and rolls back if it raises."""
+        queued = self._lock.acquire(timeout=_BUSY_SECONDS) if self._lock is not None else False
+        try:
+            if self._conn is None:
+                self._conn = self.engine.raw_connection()
+            cur = self._conn.cursor()
+            try:
+                if self._sqlite:
+                    cur.execute("BEGIN IMMEDIATE")  # the driver runs in autocommit mode (see the pragmas)
+                yield cur
+                self._conn.commit()
+            finally:
+                cur.close()
+        except BaseException:
+            self.close(invalidate=True)
+            raise
+        finally:
+            if queued and self._lock is not None:
+                self._lock.release()
+
+    def close(self, invalidate: bool = False) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with suppress(Exception):  # closing a broken connection must not mask the error that broke it
+            if invalidate:
+                conn.invalidate()  # never back into the pool: its state is in doubt
+            else:
+                conn.close()
 
 
 def read_connection(engine: Engine) -> Connection:
