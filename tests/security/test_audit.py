@@ -605,3 +605,36 @@ def test_admin_cli_records_the_operating_system_account(db_url: str) -> None:
         assert "rotated" in events[0]["outcomeDesc"]
     finally:
         close_app(app)
+
+
+def test_concurrent_reads_are_each_answered_only_after_their_record_commits(world: World,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit wakes a batch's requests together; none may be woken before its own record is durable."""
+    import asyncio
+
+    import httpx
+
+    audit = world.audit
+    real_commit = audit._commit
+    committed: set[str] = set()
+
+    def noting_commit(records: Any) -> None:
+        real_commit(records)  # durable from here on; the batch's requests are woken only after this returns
+        committed.update(rid for rec in records for t, rid in rec.resources if t == "Patient")
+
+    monkeypatch.setattr(audit, "_commit", noting_commit)
+    ids = sorted(rid for t, rid in world.allowed("system-facility", {"Patient"}))
+    assert len(ids) >= 3
+
+    async def read_all() -> list[tuple[str, int, bool]]:
+        transport = httpx.ASGITransport(app=world.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
+            async def read(rid: str) -> tuple[str, int, bool]:
+                r = await client.get(f"/fhir/Patient/{rid}", headers=world.h("system-facility"))
+                return rid, r.status_code, rid in committed  # checked the moment the answer arrives
+
+            return await asyncio.gather(*(read(rid) for _ in range(8) for rid in ids))
+
+    answers = asyncio.run(read_all())
+    assert {status for _, status, _ in answers} == {200}
+    assert all(was_committed for _, _, was_committed in answers)

@@ -37,6 +37,7 @@ from lienthong.interactions.context import Context
 from lienthong.interactions.export import ExportManager
 from lienthong.interactions.guard import AuditFacts
 from lienthong.interactions.service import FhirService, Result
+from lienthong.security.audit import AuditWaits, BatchNotifier
 from lienthong.security.authn import Authenticator
 from lienthong.security.tokens import NeedsIO
 
@@ -559,30 +560,65 @@ class SecurityHeaders(_SendFilter):
         return send_with_headers
 
 
+class _LoopNotifier(BatchNotifier):
+    """Wakes the waiting requests of one event loop with one thread-safe call per audit batch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def notify(self, settled: list[AuditWaits], error: BaseException | None) -> None:
+        self.loop.call_soon_threadsafe(self._settle, settled, error)
+
+    @staticmethod
+    def _settle(settled: list[AuditWaits], error: BaseException | None) -> None:
+        for waits in settled:
+            waits.settled += 1
+            if error is not None:
+                waits.error = error
+            if waits.done and isinstance(waits, _RequestWaits) and waits.future is not None \
+                    and not waits.future.done():
+                waits.future.set_result(None)
+
+
+class _RequestWaits(AuditWaits):
+    """One request's audit records; `future` exists only while the response is held back for them."""
+
+    def __init__(self, notifier: BatchNotifier) -> None:
+        super().__init__(notifier)
+        self.future: asyncio.Future[None] | None = None
+
+
 class AuditBarrier(_SendFilter):
     """No response leaves before the audit records of its request are committed.
 
     Why at the ASGI level: every route (FHIR, auth, exchange) records through the same context, and
     holding back `http.response.start` means no byte of clinical data is sent on an unwritten record.
-    The records are group-committed, so concurrent requests share one audit transaction. If the commit
-    fails, the client gets a 500 OperationOutcome instead of the data.
+    The records are group-committed, so concurrent requests share one audit transaction, and the
+    requests of a batch are woken together (`_LoopNotifier`). If the commit fails, the client gets a
+    500 OperationOutcome instead of the data.
     """
 
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self._notifier: _LoopNotifier | None = None
+
     def filter(self, scope: Any, send: Send) -> Send:
-        waits: list[Any] = []
+        loop = asyncio.get_running_loop()
+        notifier = self._notifier
+        if notifier is None or notifier.loop is not loop:
+            notifier = self._notifier = _LoopNotifier(loop)
+        waits = _RequestWaits(notifier)
         scope[AUDIT_WAITS] = waits
         failed = False
 
         async def send_when_audited(message: Any) -> None:
             nonlocal failed
-            if message["type"] == "http.response.start" and waits:
-                try:
-                    for done in waits:
-                        if not done.done():
-                            await asyncio.wrap_future(done)
-                        done.result()
-                except Exception:
-                    log.exception("audit commit failed; the response is withheld")
+            if message["type"] == "http.response.start" and waits.expected:
+                if not waits.done:
+                    waits.future = loop.create_future()
+                    await waits.future
+                if waits.error is not None:
+                    log.error("audit commit failed; the response is withheld", exc_info=waits.error)
                     failed = True
                     outcome = operation_outcome([OutcomeIssue(
                         "fatal", "exception", "Không ghi được nhật ký kiểm toán / The audit record could not be "

@@ -15,9 +15,9 @@ class Context:
     address: str | None = None  # caller's network address, for the audit trail
     extra: dict[str, str] = field(default_factory=dict)  # e.g. the node's name for audit records
     principal: Any = None  # the authenticated caller (lienthong.security.policy.Principal), None when open
-    # Audit commits (concurrent.futures.Future) the transport must see done before it answers; None for
-    # in-process callers (CLI, exchange worker) that answer nobody: their records are only queued.
-    audit_waits: list[Any] | None = None
+    # The audit records the transport must see committed before it answers (security.audit.AuditWaits);
+    # None for in-process callers (CLI, exchange worker) that answer nobody: their records are only queued.
+    audit_waits: Any = None
 
     @property
     def actor(self) -> str | None:

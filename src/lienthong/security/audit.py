@@ -12,10 +12,13 @@ transport answers only after that (one commit serves many concurrent reads).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -200,13 +203,64 @@ def _chain(prev: str, seq: int, body: bytes, columns: tuple[Any, ...] = ()) -> s
     return hashlib.sha256(head.encode() + hashlib.sha256(body).digest()).hexdigest()
 
 
+class AuditWaits:
+    """The records one answer must see committed before it is given, settled a batch at a time.
+
+    Why not a future per record: every read is audited, and a batch commit settles all of its records'
+    waits with one `BatchNotifier.notify` call per notifier, so a transport wakes every request of a
+    batch with one cross-thread call. `expected` is counted by the threads that queue the records and
+    `settled` by the notifier's side, so neither counter has two writers."""
+
+    def __init__(self, notifier: BatchNotifier) -> None:
+        self.notifier = notifier
+        self.expected = 0
+        self.settled = 0
+        self.error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.settled >= self.expected
+
+
+class BatchNotifier(ABC):
+    @abstractmethod
+    def notify(self, settled: list[AuditWaits], error: BaseException | None) -> None:
+        """Called by the audit writer once a batch is committed (error None) or has failed: one entry per
+        record of the batch, so a waits object may appear several times."""
+
+
+_Pending = tuple[AuditRecord, "Future[None] | None", bool, "AuditWaits | None"]  # record, done, waited, waits
+
+
+def _settle(items: Sequence[_Pending], error: BaseException | None) -> None:
+    """Resolve a batch's futures, and hand its waits to their notifiers, one call per notifier."""
+    by_notifier: dict[BatchNotifier, list[AuditWaits]] = {}
+    for _, done, _, waits in items:
+        if done is not None:
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+        if waits is not None:
+            by_notifier.setdefault(waits.notifier, []).append(waits)
+    for notifier, settled in by_notifier.items():
+        try:
+            notifier.notify(settled, error)
+        except Exception:  # a notifier whose caller went away (a closed event loop) must not stop the writer
+            logger.exception("audit: could not notify the waiting answers")
+
+
 class AuditTrail:
     def __init__(self, engine: Engine, node: str) -> None:
         self.engine = engine
         self.node = node
         self.sqlite = engine.dialect.name == "sqlite"
-        self._pending: list[tuple[AuditRecord, Future[None], bool]] = []  # (record, done, someone waits)
-        self._wake = threading.Condition()
+        self._pending: deque[_Pending] = deque()
+        # The writer sleeps on a held lock that a producer releases; cheaper than a condition's notify, which
+        # every read would pay, and a spurious wake-up only makes the writer look at the queue again.
+        self._signal = threading.Lock()
+        self._signal.acquire()
+        self._sleeping = False
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -254,18 +308,31 @@ class AuditTrail:
 
         `waited`: a caller holds its answer until the commit, so a final failure is reported to it (and the
         record, of an answer never given, is dropped); an unwaited record is kept and retried instead."""
-        record.recorded = record.recorded or now_us()
         done: Future[None] = Future()
-        with self._wake:
-            self._pending.append((record, done, waited))
-            self._wake.notify()
+        self._queue((record, done, waited, None))
+        return done
+
+    def submit_for(self, record: AuditRecord, waits: AuditWaits) -> None:
+        """Queue a record that `waits` must see committed before its answer is given (see `AuditWaits`)."""
+        waits.expected += 1
+        self._queue((record, None, True, waits))
+
+    def _queue(self, item: _Pending) -> None:
+        item[0].recorded = item[0].recorded or now_us()
+        self._pending.append(item)  # a deque: appending needs no lock
+        if self._sleeping:  # the writer waits for work (it re-checks the queue after saying so): wake it
+            self._sleeping = False
+            self._wake_writer()
         if self._thread is None or not self._thread.is_alive():
             self._ensure_thread()
-        return done
 
     def record(self, record: AuditRecord) -> None:
         """Append a record and return when it is durable."""
         self.submit(record).result()
+
+    def _wake_writer(self) -> None:
+        with contextlib.suppress(RuntimeError):  # already released: the writer will look anyway
+            self._signal.release()
 
     def _ensure_thread(self) -> None:
         with self._lock:
@@ -276,45 +343,42 @@ class AuditTrail:
 
     def _run(self) -> None:
         while True:
-            with self._wake:
-                while not self._pending and not self._stopping:
-                    self._wake.wait()
-                if self._stopping and not self._pending:
-                    return
-                linger = len(self._pending) < LINGER_BATCH and not self._stopping
-            if linger:  # a plain sleep: every new record notifies, which would cut a condition wait short
+            if not self._pending and not self._stopping:
+                self._sleeping = True
+                if not self._pending and not self._stopping:
+                    self._signal.acquire(timeout=1.0)
+                self._sleeping = False
+                continue
+            if self._stopping and not self._pending:
+                return
+            if len(self._pending) < LINGER_BATCH and not self._stopping:
                 time.sleep(LINGER_SECONDS)
             try:
                 self.flush()
             except Exception:  # waiters were failed, unwaited records re-queued: pause before retrying
                 logger.exception("audit: commit failed")
-                with self._wake:
-                    self._wake.wait(1.0)
+                self._signal.acquire(timeout=1.0)
 
     def flush(self) -> None:
         """Commit everything pending now (and wait for a batch already in flight)."""
         with self._flush_lock:
-            with self._wake:
-                batch, self._pending = self._pending, []
+            pending = self._pending
+            batch = [pending.popleft() for _ in range(len(pending))]  # what arrives meanwhile waits its turn
             if not batch:
                 return
-            records = [rec for rec, _, _ in batch]
+            records = [item[0] for item in batch]
             for attempt in range(COMMIT_ATTEMPTS):
                 try:
                     self._commit(records)
                     break
                 except Exception as exc:
                     if attempt == COMMIT_ATTEMPTS - 1:
-                        kept = [item for item in batch if not item[2]]
-                        with self._wake:  # never drop a record nobody waits for: back in front, in order
-                            self._pending[:0] = kept
-                        for _, done, waited in batch:  # nobody may be answered on an unwritten record
-                            if waited:
-                                done.set_exception(exc)
+                        # Never drop a record nobody waits for: back in front, in order.
+                        pending.extendleft(reversed([item for item in batch if not item[2]]))
+                        _settle([item for item in batch if item[2]], exc)  # nobody is answered on it
                         raise
                     time.sleep(0.05 * (attempt + 1))
-            for _, done, _ in batch:
-                done.set_result(None)
+            _settle(batch, None)
 
     def _commit(self, records: list[AuditRecord]) -> None:
         """One transaction for a batch, on the writer's own connection (`DedicatedWriter`): a pool checkout
@@ -325,9 +389,8 @@ class AuditTrail:
             self.append(cur, records)
 
     def close(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
+        self._stopping = True
+        self._wake_writer()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None

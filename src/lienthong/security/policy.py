@@ -258,9 +258,10 @@ class AccessGuard:
         return out
 
     def on_access(self, ctx: Context, facts: AuditFacts) -> None:
-        done = self.audit.submit(self._record(ctx, facts), waited=ctx.audit_waits is not None)
-        if ctx.audit_waits is not None:  # the transport answers only once the record is committed
-            ctx.audit_waits.append(done)
+        if ctx.audit_waits is None:  # an in-process caller answers nobody: the record is only queued
+            self.audit.submit(self._record(ctx, facts), waited=False)
+        else:  # the transport answers only once the record is committed
+            self.audit.submit_for(self._record(ctx, facts), ctx.audit_waits)
 
     def _record(self, ctx: Context, facts: AuditFacts) -> AuditRecord:
         p = ctx.principal if isinstance(ctx.principal, Principal) else None
