@@ -638,3 +638,17 @@ def test_concurrent_reads_are_each_answered_only_after_their_record_commits(worl
     answers = asyncio.run(read_all())
     assert {status for _, status, _ in answers} == {200}
     assert all(was_committed for _, _, was_committed in answers)
+
+
+def test_a_record_keeps_its_exact_bytes_through_the_batch_writer(world: World) -> None:
+    """Vietnamese text, quotes, backslashes and characters JSON escapes survive the writer byte for byte,
+    so the chain still verifies (the PostgreSQL writer ships a batch as one JSON document)."""
+    from lienthong.security.audit import AuditRecord
+
+    audit = world.audit
+    detail = 'Nguyễn Văn Ân "trích dẫn" \\ gạch chéo \u2028 tab\t 🩺 \x01 \x00'
+    audit.record(AuditRecord(action="read", outcome=0, actor="probe-bytes", actor_kind="user", roles=("bác sĩ",),
+                             facility=None, address=None, node="test", patients=["p1a"], detail=detail))
+    events = [e for e in audit.events(actor="probe-bytes") if e.get("outcomeDesc") == detail]
+    assert len(events) == 1
+    assert audit.verify()[0]
