@@ -8,7 +8,8 @@ back on it by running this script with another `PYTHONPATH` (`--no-settle` for s
    truth). Q of them - corrupted duplicates of a person who keeps at least one other record -
    are held out as queries; the other N are loaded.
 2. Start a throw-away PostgreSQL cluster (`lienthong.devtools.pgserver`, fsync off) or make a
-   SQLite file in a temp dir; open it with `lienthong.node.open_database` and wire a node with
+   SQLite file in a temp dir (`--pg-shared-buffers` sizes the cluster's cache; `--prewarm` loads the
+   patient index into it before measuring); open it with `lienthong.node.open_database` and wire a node with
    `build_node(db, ApiSettings(), secure=False)`, so the write-time index hook is on.
 3. Bulk-load: every record becomes a FHIR Patient (CCCD/BHYT/BHXH identifiers, name,
    birthDate, gender, phone, address, parents), posted in transaction Bundles of `--batch`
@@ -294,6 +295,33 @@ def analyze(url: str, is_pg: bool) -> float:
     return time.perf_counter() - started
 
 
+PREWARM = ("mpi_person", "mpi_person_pkey", "ix_mpi_block_key_patient", "resource", "ux_resource_type_id",
+           "resource_version", "resource_version_pkey")
+
+
+def setting(url: str, name: str) -> str:
+    from lienthong.storage.engine import make_engine
+
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        value = str(conn.exec_driver_sql(f"SHOW {name}").scalar_one())
+    engine.dispose()
+    return value
+
+
+def prewarm(url: str) -> int:
+    """Read what `$match` touches into shared_buffers (pages read; relations missing here are skipped)."""
+    from lienthong.storage.engine import make_engine
+
+    engine = make_engine(url)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+        present = [r for r in PREWARM if conn.exec_driver_sql("SELECT to_regclass(%(r)s)", {"r": r}).scalar()]
+        pages = sum(int(conn.exec_driver_sql("SELECT pg_prewarm(%(r)s)", {"r": r}).scalar_one()) for r in present)
+    engine.dispose()
+    return pages
+
+
 def table_sizes(url: str, is_pg: bool) -> dict[str, Any]:
     from lienthong.storage.engine import make_engine
 
@@ -517,6 +545,11 @@ def main() -> None:
     ap.add_argument("--max-candidates", type=int, help="persons scored per query (default: the service's)")
     ap.add_argument("--no-settle", action="store_true",
                     help="measure without `lienthong.node.settle` (warm-up + gc.freeze), as before it existed")
+    ap.add_argument("--pg-shared-buffers", metavar="SIZE",
+                    help="shared_buffers of a new PostgreSQL cluster, e.g. 3GB (default: the server's 128MB)")
+    ap.add_argument("--prewarm", action="store_true",
+                    help="PostgreSQL: load the patient index and the resource tables into shared_buffers "
+                         "(pg_prewarm) before measuring, as on a server that has been answering for a while")
     ap.add_argument("--url", help="measure on a database kept by an earlier `--keep` run with the same --patients "
                                   "and --seed (skips the load; the population is regenerated for the ground truth)")
     args = ap.parse_args()
@@ -537,6 +570,11 @@ def main() -> None:
         else:
             url = setup_database(args, result, load, is_pg, cleanup)
         result["sizes"] = table_sizes(url, is_pg)
+        if is_pg:
+            result["shared_buffers"] = setting(url, "shared_buffers")
+            if args.prewarm:
+                result["prewarmed_pages"] = prewarm(url)
+                log(f"prewarmed {result['prewarmed_pages']:,} pages")
         log(f"sizes {result['sizes']}")
 
         from lienthong.api.app import ApiSettings
@@ -584,7 +622,7 @@ def setup_database(args: argparse.Namespace, result: dict[str, Any], load: list[
     if is_pg:
         from lienthong.devtools.pgserver import PostgresServer
 
-        pg = PostgresServer()
+        pg = PostgresServer(settings={"shared_buffers": args.pg_shared_buffers} if args.pg_shared_buffers else None)
         pg.start()
         cleanup.callback(pg.stop)
         url = pg.create_database("mpi_bench")
@@ -660,6 +698,9 @@ def report(r: dict[str, Any]) -> None:
     g = ip["gc_gen2_pauses"]
     print(f"Full (generation 2) garbage collections during the pass: {g['count']}, {g['total_ms']} ms in all, "
           f"longest {g['max_ms']} ms. Slowest queries: {ip['slowest']}.")
+    if "shared_buffers" in r:
+        print(f"PostgreSQL shared_buffers {r['shared_buffers']}"
+              + (f", {r['prewarmed_pages']:,} pages prewarmed." if "prewarmed_pages" in r else ", not prewarmed."))
     print(f"Target p95 ≤ {TARGET_P95_MS:.0f} ms: {verdict} ({ip['latency_ms']['p95']} ms). Load average "
           f"(1/5/15 min) before/after the in-process pass: {r['loadavg_during_measure']} on {r['machine']['cpus']} CPUs.")
 

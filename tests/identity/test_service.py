@@ -293,6 +293,51 @@ def test_the_index_keeps_normalised_values_and_match_trusts_only_their_version(c
     assert graded(match(client, query)) == {an: "certain"}
 
 
+def test_the_block_index_upgrade_keeps_every_match(db_url: str) -> None:
+    """Revision 0007 replaces the key-only block index by one on (key, patient_id), so `$match` reads a block
+    from the index alone. An index written before it is upgraded in place (and back) and `$match` finds the
+    same persons with the same grades."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from lienthong.node import create_app
+    from lienthong.storage import migrate
+    from lienthong.storage.engine import make_engine
+
+    def block_indexes() -> set[str]:
+        engine = make_engine(db_url)
+        try:
+            return {ix["name"] for ix in inspect(engine).get_indexes("mpi_block") if ix["name"]}
+        finally:
+            engine.dispose()
+
+    def graded_match(query: JSON) -> dict[str, str]:
+        app = create_app(db_url, secure=False)  # migrates to the newest revision on start
+        try:
+            with TestClient(app, base_url="http://testserver") as c:
+                return graded(match(c, query))
+        finally:
+            app.state.node.db.engine.dispose()
+
+    app = create_app(db_url, secure=False)
+    with TestClient(app, base_url="http://testserver") as c:
+        an, third = create(c, AN), create(c, AN_THIRD)
+        create(c, BINH)
+        add_crowd(c, 40)
+    app.state.node.db.engine.dispose()
+    query = patient("Nguyễn", "Văn An", "1980-05-02", "male", cccd=AN_CCCD, city="Lục Ngạn")
+    before = graded_match(query)
+    assert before[an] == before[third] == "certain"
+    assert block_indexes() == {"ix_mpi_block_key_patient", "ix_mpi_block_patient"}
+
+    engine = make_engine(db_url)
+    command.downgrade(migrate.alembic_config(engine), "0006")
+    engine.dispose()
+    assert block_indexes() == {"ix_mpi_block_key", "ix_mpi_block_patient"}
+    assert graded_match(query) == before
+    assert block_indexes() == {"ix_mpi_block_key_patient", "ix_mpi_block_patient"}
+
+
 def test_rebuild_reindexes_first_versions_without_duplicating_them(client: TestClient) -> None:
     """The write hook skips the DELETEs on a first version; `lienthong mpi index` re-indexes rows that exist."""
     an = create(client, AN)

@@ -46,12 +46,13 @@ def _free_port() -> int:
 class PostgresServer:
     """A private cluster listening on 127.0.0.1; `url(dbname)` gives SQLAlchemy URLs."""
 
-    def __init__(self, fast: bool = True) -> None:
+    def __init__(self, fast: bool = True, settings: dict[str, str] | None = None) -> None:
         self.bindir = _bindir()
         self.root = Path(tempfile.mkdtemp(prefix="lienthong-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
         self.fast = fast
+        self.settings = dict(settings or {})  # extra `-c name=value` server settings, e.g. shared_buffers
         self._demote: Callable[[], None] | None = None
         if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")
@@ -77,6 +78,8 @@ class PostgresServer:
         opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200"
         if self.fast:
             opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        for name, value in self.settings.items():
+            opts += f" -c {name}={value}"
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "start")
         return self
 

@@ -597,7 +597,7 @@ class MatchModel:
         if len(i):
             score += w[np.arange(len(FEATURES)), levels.astype(np.int64)].sum(axis=1)
         tf_adj = np.zeros((len(i), 2), dtype=np.float64)
-        given_hit = np.flatnonzero(np.isin(levels[:, GIVEN], (1, 2)))
+        given_hit = np.flatnonzero((levels[:, GIVEN] == 1) | (levels[:, GIVEN] == 2))
         if len(given_hit) and self.tf.get("given"):
             tf_adj[given_hit, 0] = self._tf_adjust(t, "given", i[given_hit], float(self.u[GIVEN, 1] + self.u[GIVEN, 2]))
         family_hit = np.flatnonzero(levels[:, FAMILY] == 1)
@@ -785,7 +785,7 @@ def _twin_pattern(levels: LevelArray) -> npt.NDArray[np.bool_]:
     household = (levels[:, PHONE] == 1) | (levels[:, FATHER] == 1) | (levels[:, MOTHER] == 1)
     household |= (levels[:, STREET] == 1) & (levels[:, COMMUNE] == 1)
     given = levels[:, GIVEN]
-    differs = np.isin(given, (3, 5, 7)) | (
+    differs = (given == 3) | (given == 5) | (given == 7) | (
         (given == 4) & ((levels[:, FEATURE_INDEX["sex"]] == 2) | (levels[:, FEATURE_INDEX["middle"]] == 2))
     )
     result: npt.NDArray[np.bool_] = differs & (levels[:, BIRTH_DATE] == 1) & household
@@ -794,7 +794,8 @@ def _twin_pattern(levels: LevelArray) -> npt.NDArray[np.bool_]:
 
 def _ids_agree(levels: LevelArray) -> npt.NDArray[np.bool_]:
     """Some personal identifier agrees, allowing one typo (insurance or other id)."""
-    result: npt.NDArray[np.bool_] = np.isin(levels[:, OTHER_ID], (1, 2)) | np.isin(levels[:, INSURANCE], (1, 2))
+    other, insurance = levels[:, OTHER_ID], levels[:, INSURANCE]  # comparisons: np.isin costs ~30 µs a call
+    result: npt.NDArray[np.bool_] = (other == 1) | (other == 2) | (insurance == 1) | (insurance == 2)
     return result
 
 

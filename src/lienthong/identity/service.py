@@ -18,7 +18,7 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import Float, Select, bindparam, case, cast, delete, func, insert, or_, select, update
 
 from lienthong.fhir.datetimes import now_us
 from lienthong.fhir.outcome import FhirError, error
@@ -45,7 +45,7 @@ def _candidates_statement() -> Select[str, str, str | None]:
             .where(b.c.key.in_(bindparam("keys", expanding=True))).subquery())
     is_exact = case((hits.c.key.in_(bindparam("exact", expanding=True)), 1), else_=0)
     per_person = (select(hits.c.patient_id, func.max(is_exact).label("exact"),
-                         func.sum(1.0 / hits.c.size).label("weight"))
+                         func.sum(1.0 / cast(hits.c.size, Float)).label("weight"))
                   .group_by(hits.c.patient_id).subquery())
     ranked = select(per_person.c.patient_id, per_person.c.exact, func.row_number().over(
         order_by=(per_person.c.weight.desc(), per_person.c.patient_id)).label("rank")).subquery()

@@ -62,6 +62,14 @@ _CURRENT = (
           & (schema.resource_version.c.version == schema.resource.c.version))
     .where(schema.resource.c.rtype == bindparam("rtype"), schema.resource.c.rid == bindparam("rid"))
 )
+# Current, non-deleted versions of several ids of one type (`fetch_current`, e.g. `$match` results), likewise.
+_CURRENT_MANY = (
+    select(*_CURRENT.selected_columns)
+    .join(schema.resource_version, (schema.resource_version.c.res_pk == schema.resource.c.res_pk)
+          & (schema.resource_version.c.version == schema.resource.c.version))
+    .where(schema.resource.c.rtype == bindparam("rtype"), schema.resource.c.rid.in_(bindparam("rids", expanding=True)),
+           schema.resource.c.deleted == false())
+)
 
 
 def new_id() -> str:
@@ -153,19 +161,13 @@ class Store:
         self.flush()
         if not refs:
             return []
-        r, v = schema.resource, schema.resource_version
         out: list[Stored] = []
         by_type: dict[str, list[str]] = {}
         for rtype, rid in refs:
             by_type.setdefault(rtype, []).append(rid)
         for rtype, ids in by_type.items():
             for start in range(0, len(ids), 500):
-                rows = self.conn.execute(
-                    select(r.c.res_pk, r.c.rtype, r.c.rid, r.c.version, r.c.last_updated, r.c.deleted, v.c.body,
-                           v.c.method)
-                    .join(v, (v.c.res_pk == r.c.res_pk) & (v.c.version == r.c.version))
-                    .where(r.c.rtype == rtype, r.c.rid.in_(ids[start : start + 500]), r.c.deleted == false())
-                )
+                rows = self.conn.execute(_CURRENT_MANY, {"rtype": rtype, "rids": ids[start : start + 500]})
                 out.extend(Stored(*row) for row in rows)
         return out
 
