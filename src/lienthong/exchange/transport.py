@@ -295,8 +295,8 @@ class Receiver:
 
     def _accept(self, conn: Connection, source: str, msg_id: str, dest: str, patient_key: str, payload: bytes) -> Ack:
         """Store (and, on the hub, relay) one complete message inside the caller's transaction."""
-        if self.inbox.get(conn, msg_id) is None:  # a first arrival: check it may be accepted at all
-            relaying = dest != self.code
+        relaying = dest != self.code
+        if self.inbox.state(conn, msg_id) is None:  # a first arrival: check it may be accepted at all
             refusal = "wrong-destination" if relaying and self.relay is None else None
             if refusal is None and self.authorize is not None:
                 refusal = self.authorize(source, dest)
@@ -304,13 +304,14 @@ class Receiver:
                 refusal = "not-compressed"
             if refusal is not None:
                 return Ack(False, False, refusal)
-        receipt = self.inbox.receive(conn, msg_id, source, payload)
+        relay = self.relay if relaying else None
+        # Relayed: stored as processed, since queuing it onward below is all the processing it gets.
+        receipt = self.inbox.receive(conn, msg_id, source, payload, processed=relay is not None)
         if not receipt.accepted:
-            entry = self.inbox.get(conn, msg_id)
-            return Ack(False, receipt.duplicate, entry.reason if entry and entry.source == source else "rejected")
-        if not receipt.duplicate and dest != self.code and self.relay is not None:
-            self.relay.enqueue_compressed(conn, dest, patient_key, payload, msg_id=msg_id)
-            self.inbox.mark_processed(conn, msg_id)
+            state = self.inbox.state(conn, msg_id)
+            return Ack(False, receipt.duplicate, state[2] if state and state[0] == source else "rejected")
+        if not receipt.duplicate and relay is not None:
+            relay.enqueue_compressed(conn, dest, patient_key, payload, msg_id=msg_id)
         return Ack(True, receipt.duplicate)
 
     def _message(self, source: str, msg_id: str, params: Mapping[str, str], body: bytes, nonce: str | None) -> Reply:
@@ -330,10 +331,10 @@ class Receiver:
 
     def _delivered(self, conn: Connection, source: str, msg_id: str) -> dict[str, Any] | None:
         """The ack for an upload whose message already arrived (its final answer was lost)."""
-        entry = self.inbox.get(conn, msg_id)
-        if entry is None or entry.source != source:
+        state = self.inbox.state(conn, msg_id)
+        if state is None or state[0] != source:
             return None
-        return _ack_json(msg_id, Ack(entry.status != "rejected", True, entry.reason))
+        return _ack_json(msg_id, Ack(state[1] != "rejected", True, state[2]))
 
     def _begin_upload(self, source: str, msg_id: str, body: bytes, nonce: str | None) -> Reply:
         try:
