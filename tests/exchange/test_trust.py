@@ -482,6 +482,26 @@ def test_cached_verdict_still_checks_the_time(pki: Pki) -> None:
     assert reason_of(exc) is Reason.CRL_INVALID
 
 
+def test_request_signatures_interoperate_with_joserfc(pki: Pki) -> None:
+    """Requests are signed and checked without joserfc (speed), in the same JWS form: a peer that
+    still uses joserfc verifies ours, and we verify its."""
+    from joserfc import jws
+
+    from lienthong.exchange.trust import _REGISTRY, _public_jwk, _request_canonical
+
+    headers = sign_request("POST", PATH, BODY, pki.node, NOW, "interop-nonce-00001", audience="27000")
+    canonical = _request_canonical("POST", PATH, BODY, int(NOW.timestamp()), "interop-nonce-00001", "27000")
+    jws.deserialize_compact(headers[H_SIGNATURE], _public_jwk(pki.node.cert), registry=_REGISTRY, payload=canonical)
+    protected = {"alg": "ES256", "typ": "lienthong-request+jws", "kid": pki.node.kid, "x5c": pki.node.x5c(leaf_only=True)}
+    head, _, sig = jws.serialize_compact(protected, canonical, pki.node.jwk, registry=_REGISTRY).split(".")
+    theirs = {**headers, H_SIGNATURE: f"{head}..{sig}"}
+    assert verify(pki, theirs, MemoryNonceStore(), audience="27000") == "27001"
+    flipped = sig[:-2] + ("A" if sig[-2] != "A" else "B") + sig[-1]
+    with pytest.raises(TrustError) as exc:
+        verify(pki, {**headers, H_SIGNATURE: f"{head}..{flipped}"}, MemoryNonceStore(), audience="27000")
+    assert reason_of(exc) is Reason.BAD_SIGNATURE
+
+
 def test_response_is_bound_to_the_request(pki: Pki) -> None:
     nonce = "request-nonce-000001"
     body = b'{"accepted":true}'
