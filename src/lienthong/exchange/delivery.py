@@ -558,9 +558,11 @@ _INBOX_LOOKUP = select(inbox.c.source, inbox.c.status).where(inbox.c.msg_id == b
 _INBOX_LAST = select(func.max(inbox.c.received))
 # A second copy arriving at the same moment loses on the primary key without an error, so no savepoint
 # is needed around the insert (one round trip less per message on both databases).
+# RETURNING, not rowcount, says whether it was stored: psycopg reports no rowcount for it here.
 _INBOX_INSERT_NEW = {
-    "sqlite": sqlite.insert(inbox).on_conflict_do_nothing(index_elements=[inbox.c.msg_id]),
-    "postgresql": postgresql.insert(inbox).on_conflict_do_nothing(index_elements=[inbox.c.msg_id]),
+    "sqlite": sqlite.insert(inbox).on_conflict_do_nothing(index_elements=[inbox.c.msg_id]).returning(inbox.c.msg_id),
+    "postgresql": postgresql.insert(inbox).on_conflict_do_nothing(index_elements=[inbox.c.msg_id])
+    .returning(inbox.c.msg_id),
 }
 _INBOX_INSERT = insert(inbox)
 _INBOX_GET = select(inbox.c.msg_id, inbox.c.source, inbox.c.received, inbox.c.status, inbox.c.reason,
@@ -606,7 +608,7 @@ class Inbox:
                "payload": payload}
         statement = _INBOX_INSERT_NEW.get(conn.dialect.name)
         if statement is not None:
-            stored = conn.execute(statement, row).rowcount == 1
+            stored = conn.execute(statement, row).first() is not None
         else:  # pragma: no cover - only SQLite and PostgreSQL are supported
             try:
                 with conn.begin_nested():

@@ -1008,7 +1008,7 @@ _NONCE_SEEN = select(_NONCE.c.seen).where(_NONCE.c.nonce == bindparam("nonce"))
 def _nonce_upsert(insert_: Any) -> Any:
     stmt = insert_(_NONCE).values(nonce=bindparam("nonce"), seen=bindparam("seen"))
     return stmt.on_conflict_do_update(index_elements=[_NONCE.c.nonce], set_={"seen": stmt.excluded.seen},
-                                      where=_NONCE.c.seen <= bindparam("cutoff"))
+                                      where=_NONCE.c.seen <= bindparam("cutoff")).returning(_NONCE.c.seen)
 
 
 _NONCE_UPSERT = {"sqlite": _nonce_upsert(sqlite_dialect.insert), "postgresql": _nonce_upsert(postgresql_dialect.insert)}
@@ -1038,7 +1038,8 @@ class SqlNonceStore:
                     conn.execute(_NONCE_PURGE, {"cutoff": cutoff})
                 upsert = _NONCE_UPSERT.get(conn.dialect.name)
                 if upsert is not None:  # one statement: stored, or refreshed if older than the window
-                    return bool(conn.execute(upsert, {"nonce": key, "seen": now_us, "cutoff": cutoff}).rowcount)
+                    # RETURNING, not rowcount, says which: psycopg reports no rowcount for an upsert here.
+                    return conn.execute(upsert, {"nonce": key, "seen": now_us, "cutoff": cutoff}).first() is not None
                 seen = conn.execute(_NONCE_SEEN, {"nonce": key}).scalar()  # pragma: no cover - other databases
                 if seen is None:
                     conn.execute(insert(_NONCE).values(nonce=key, seen=now_us))
