@@ -569,3 +569,30 @@ def test_upload_checksum_mismatch_discards(engine: Engine, clock: FakeClock) -> 
     with engine.begin() as conn:
         assert store.purge(conn, older_than=86_400) == 1
         assert conn.execute(select(func.count()).select_from(upload)).scalar() == 0
+
+
+def test_replay_guard_and_inbox_deduplication_on_every_backend(db_url: str) -> None:
+    """The single-statement nonce upsert and inbox insert tell new from seen on SQLite and PostgreSQL
+    alike (by RETURNING: psycopg gives no rowcount for them)."""
+    from lienthong.exchange.trust import SqlNonceStore
+    from lienthong.storage.engine import make_engine
+    from lienthong.storage.schema import metadata
+
+    engine = make_engine(db_url)
+    try:
+        metadata.create_all(engine, tables=[inbox_table, outbox_table, upload, upload_chunk,
+                                            metadata.tables["exchange_nonce"]])
+        store = SqlNonceStore(engine)
+        t = 1_770_000_000.0
+        assert store.check_and_store("27001:a", t, 600)
+        assert not store.check_and_store("27001:a", t + 1, 600)  # a replay within the window
+        assert store.check_and_store("27001:a", t + 601, 600)  # the timestamp check guards beyond it
+        assert not store.check_and_store("27001:a", t + 602, 600)
+        inbox = Inbox()
+        with engine.begin() as conn:
+            assert inbox.receive(conn, "0d7c2f0e-1b2a-4c1e", "27001", b"x") == (True, False)
+            assert inbox.receive(conn, "0d7c2f0e-1b2a-4c1e", "27001", b"x") == (True, True)
+            assert inbox.receive(conn, "0d7c2f0e-1b2a-4c1f", "27001", b"y", processed=True) == (True, False)
+            assert Inbox.state(conn, "0d7c2f0e-1b2a-4c1f") == ("27001", "processed", None)
+    finally:
+        engine.dispose()

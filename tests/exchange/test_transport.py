@@ -1,11 +1,14 @@
-"""The HTTP wire protocol end to end (httpx MockTransport, no sockets): signing, relay, resumable uploads."""
+"""The HTTP wire protocol end to end (httpx MockTransport, no sockets): signing, relay, resumable uploads;
+and the direct client over real sockets (connection reuse, a peer closing an idle connection)."""
 
 from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -332,3 +335,102 @@ def test_destination_checks_package_signatures_at_receipt(tmp_path: Path, clock:
     b_inbox.process(b_db, lambda conn, e: opened.append(
         open_package(decompress(e.payload or b""), trust.anchor, trust.crl, NOW).signers[1].subject))
     assert opened == ["2.5.4.5=27001,CN=BS. Lê Văn Cường,O=lienthong,C=VN"]
+
+
+# ---- the direct client over real sockets ----------------------------------------------------------
+
+
+class _ReceiverHandler(BaseHTTPRequestHandler):
+    """A keep-alive HTTP/1.1 server in front of a Receiver; `drop_after` closes each connection after
+    that many requests without saying so (as a peer's idle timeout does)."""
+
+    protocol_version = "HTTP/1.1"
+    receiver: Receiver
+    drop_after = 0
+    served: list[int]  # requests served on each connection, in the order they were opened
+
+    def setup(self) -> None:
+        super().setup()
+        self.index = len(self.served)
+        self.served.append(0)
+
+    def _serve(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        reply = self.receiver.handle(self.command, self.path, dict(self.headers.items()), body)
+        self.send_response(reply.status)
+        for key, value in reply.headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.end_headers()
+        self.wfile.write(reply.body)
+        self.wfile.flush()
+        self.served[self.index] += 1
+        if self.drop_after and self.served[self.index] >= self.drop_after:
+            self.close_connection = True  # silently: no "Connection: close" header was sent
+
+    do_POST = do_GET = do_PATCH = _serve
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _serve_receiver(receiver: Receiver, drop_after: int = 0) -> tuple[ThreadingHTTPServer, list[int]]:
+    served: list[int] = []
+    handler = type("Handler", (_ReceiverHandler,), {"receiver": receiver, "drop_after": drop_after,
+                                                      "served": served})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, served
+
+
+def test_direct_client_reuses_connections_and_replaces_closed_ones(pki: Pki, hub_db: Engine, node_db: Engine,
+                                                                   clock: FakeClock) -> None:
+    """Without an injected httpx client (and no proxy) the transport keeps its own connections:
+    signed both ways as before, kept alive, and one the peer closed while idle is replaced."""
+    server, served = _serve_receiver(hub_receiver(pki, hub_db, clock), drop_after=2)
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/exchange"
+        transport = HttpTransport(base, pki.node, pki.trust(), peer_code="27000", clock=clock)
+        assert transport._peer is not None  # the direct path, not httpx
+        ids = [enqueue(node_db, clock, b"document %d" % k, key=f"p-{k}") for k in range(5)]
+        assert Dispatcher(node_db, transport, clock).run_once().sent == 5
+        assert [outbox_status(node_db, m) for m in ids] == [SENT] * 5
+        assert served == [2, 2, 1]  # two requests per connection, then a new one
+        with hub_db.connect() as conn:
+            assert all((e := Inbox.get(conn, m)) is not None and e.source == "27001" for m in ids)
+        transport.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_direct_client_refuses_an_unsigned_answer_and_reports_an_unreachable_peer(pki: Pki, clock: FakeClock) -> None:
+    class Unsigned(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b'{"accepted": true}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unsigned)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        transport = HttpTransport(f"http://127.0.0.1:{port}/exchange", pki.node, pki.trust(), peer_code="27000",
+                                  clock=clock)
+        with pytest.raises(DeliveryError, match="unauthenticated answer"):
+            transport.request("POST", "/messages/0d7c2f0e-1b2a", {"dest": "27002"}, b"x")
+    finally:
+        server.shutdown()
+        server.server_close()
+    transport = HttpTransport(f"http://127.0.0.1:{port}/exchange", pki.node, pki.trust(), peer_code="27000",
+                              clock=clock)
+    with pytest.raises(DeliveryError, match="ConnectionRefusedError"):
+        transport.request("POST", "/messages/0d7c2f0e-1b2a", {"dest": "27002"}, b"x")

@@ -439,6 +439,69 @@ def test_request_signer_role_and_revocation(pki: Pki) -> None:
     assert reason_of(exc) is Reason.REVOKED
 
 
+def test_cached_verdict_gives_way_to_a_new_crl(pki: Pki) -> None:
+    """Chain verdicts are cached per CRL object: once a CRL that lists the certificate is installed,
+    the very next request and package from it are refused, however recently they were accepted."""
+    ca = ProvincialCA.create("CA bộ nhớ đệm", now=NOW)
+    node = ca.issue_identity("27001", "Bệnh viện Đa khoa tỉnh Bắc Ninh", now=NOW)
+    store = TrustStore(ca.cert, ca.crl(now=NOW))
+    sealed = seal_package(PAYLOAD, node, now=NOW)
+    for _ in range(2):  # the second round is served from the cache
+        assert verify_request("POST", PATH, sign_request("POST", PATH, BODY, node, NOW), BODY, store.anchor,
+                              store.crl, MemoryNonceStore(), NOW) == "27001"
+        assert open_package(sealed, store.anchor, store.crl, NOW).facility_code == "27001"
+    ca.revoke(node.cert.serial_number, now=NOW)
+    assert store.update_crl(ca.crl(now=NOW)) is True
+    with pytest.raises(TrustError) as exc:
+        verify_request("POST", PATH, sign_request("POST", PATH, BODY, node, NOW), BODY, store.anchor, store.crl,
+                       MemoryNonceStore(), NOW)
+    assert reason_of(exc) is Reason.REVOKED
+    with pytest.raises(TrustError) as exc:
+        open_package(sealed, store.anchor, store.crl, NOW)
+    assert reason_of(exc) is Reason.REVOKED
+
+
+def test_cached_verdict_still_checks_the_time(pki: Pki) -> None:
+    """A cached chain is still refused once its certificate expired or the CRL passed its next update."""
+    ca = ProvincialCA.create("CA thời hạn", now=NOW)
+    node = ca.issue_identity("27001", "Bệnh viện Đa khoa tỉnh Bắc Ninh", validity=SHORT_VALIDITY, now=NOW)
+    crl = ca.crl(now=NOW, next_update=timedelta(days=7))
+    sealed = seal_package(PAYLOAD, node, now=NOW)
+    assert open_package(sealed, ca.cert, crl, NOW).facility_code == "27001"
+    with pytest.raises(TrustError) as exc:
+        open_package(sealed, ca.cert, crl, NOW + SHORT_VALIDITY + timedelta(seconds=1))
+    assert reason_of(exc) is Reason.EXPIRED
+    with pytest.raises(TrustError) as exc:
+        open_package(sealed, ca.cert, crl, NOW - timedelta(days=1))
+    assert reason_of(exc) is Reason.NOT_YET_VALID
+    long_lived = ca.issue_identity("27002", "Trung tâm Y tế huyện Yên Phong", now=NOW)
+    sealed = seal_package(PAYLOAD, long_lived, now=NOW)
+    assert open_package(sealed, ca.cert, crl, NOW).facility_code == "27002"
+    with pytest.raises(TrustError) as exc:
+        open_package(sealed, ca.cert, crl, NOW + timedelta(days=8), max_skew=10**9)
+    assert reason_of(exc) is Reason.CRL_INVALID
+
+
+def test_request_signatures_interoperate_with_joserfc(pki: Pki) -> None:
+    """Requests are signed and checked without joserfc (speed), in the same JWS form: a peer that
+    still uses joserfc verifies ours, and we verify its."""
+    from joserfc import jws
+
+    from lienthong.exchange.trust import _REGISTRY, _public_jwk, _request_canonical
+
+    headers = sign_request("POST", PATH, BODY, pki.node, NOW, "interop-nonce-00001", audience="27000")
+    canonical = _request_canonical("POST", PATH, BODY, int(NOW.timestamp()), "interop-nonce-00001", "27000")
+    jws.deserialize_compact(headers[H_SIGNATURE], _public_jwk(pki.node.cert), registry=_REGISTRY, payload=canonical)
+    protected = {"alg": "ES256", "typ": "lienthong-request+jws", "kid": pki.node.kid, "x5c": pki.node.x5c(leaf_only=True)}
+    head, _, sig = jws.serialize_compact(protected, canonical, pki.node.jwk, registry=_REGISTRY).split(".")
+    theirs = {**headers, H_SIGNATURE: f"{head}..{sig}"}
+    assert verify(pki, theirs, MemoryNonceStore(), audience="27000") == "27001"
+    flipped = sig[:-2] + ("A" if sig[-2] != "A" else "B") + sig[-1]
+    with pytest.raises(TrustError) as exc:
+        verify(pki, {**headers, H_SIGNATURE: f"{head}..{flipped}"}, MemoryNonceStore(), audience="27000")
+    assert reason_of(exc) is Reason.BAD_SIGNATURE
+
+
 def test_response_is_bound_to_the_request(pki: Pki) -> None:
     nonce = "request-nonce-000001"
     body = b'{"accepted":true}'

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, Column, Engine, Integer, String, Table, Text, insert, select, update
+from sqlalchemy import Boolean, Column, Engine, Integer, String, Table, Text, bindparam, insert, select, update
 
 from lienthong.fhir.datetimes import now_us
 from lienthong.fhir.outcome import error
@@ -73,6 +73,10 @@ def check_code(code: str) -> str:
     return code
 
 
+# Read for every message the hub accepts and forwards (clearance of both ends): built once.
+_GET = select(facility_registry).where(facility_registry.c.code == bindparam("code"))
+
+
 class Registry:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -97,9 +101,8 @@ class Registry:
         return facility
 
     def get(self, code: str) -> Facility | None:
-        t = facility_registry
         with read_connection(self.engine) as conn:
-            row = conn.execute(select(t).where(t.c.code == code)).mappings().first()
+            row = conn.execute(_GET, {"code": code}).mappings().first()
         return _facility(dict(row)) if row else None
 
     def list(self) -> list[Facility]:

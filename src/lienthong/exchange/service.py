@@ -38,7 +38,7 @@ from lienthong.exchange.delivery import (
     decompress,
 )
 from lienthong.exchange.query import RecordQueries
-from lienthong.exchange.registry import Registry
+from lienthong.exchange.registry import Facility, Registry
 from lienthong.exchange.transport import HttpTransport, Receiver, package_validator
 from lienthong.exchange.trust import (
     NodeIdentity,
@@ -125,9 +125,10 @@ class RoutingTransport:
         self._transports: dict[str, HttpTransport] = {}
         self._lock = threading.Lock()  # the dispatcher sends from several threads
 
-    def for_destination(self, code: str) -> HttpTransport | None:
-        """The client for a registered facility's endpoint (clearance is the caller's check)."""
-        facility = self.registry.get(code)
+    def for_destination(self, code: str, facility: Facility | None = None) -> HttpTransport | None:
+        """The client for a registered facility's endpoint (clearance is the caller's check);
+        `facility`: its registry entry if the caller has just read it."""
+        facility = facility or self.registry.get(code)
         if facility is None or not facility.endpoint:
             return None
         with self._lock:  # one client (kept-alive connections) per peer, shared by the sending threads
@@ -141,7 +142,7 @@ class RoutingTransport:
         facility = self.registry.get(message.dest)
         if facility is not None and facility.clearance != "cleared":
             return Ack(False, False, f"destination {message.dest} clearance {facility.clearance}")
-        transport = self.for_destination(message.dest)
+        transport = self.for_destination(message.dest, facility)
         if transport is None:
             raise DeliveryError(f"no endpoint for facility {message.dest}")
         return transport.send(message)

@@ -1,4 +1,4 @@
-"""The exchange wire protocol over HTTP: `HttpTransport` (httpx client) and `Receiver` (server side).
+"""The exchange wire protocol over HTTP: `HttpTransport` (client) and `Receiver` (server side).
 
 Why both here: the two halves of one protocol change together. The receiver
 imports no web framework; the API layer only turns its request into
@@ -20,9 +20,14 @@ the signed path, query or body, never in unsigned headers):
 
 from __future__ import annotations
 
+import http.client
 import logging
 import re
+import select
+import socket
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -91,6 +96,97 @@ def _ack_json(msg_id: str, ack: Ack) -> dict[str, Any]:
 # ---- client ----------------------------------------------------------------------------------------
 
 
+class _Peer:
+    """Keep-alive HTTP/1.1 connections to one peer (`http.client`), shared by the sending threads.
+
+    Why not httpx here: its request and response machinery cost about five times the CPU of
+    `http.client` per request on this protocol's small signed messages, and a hub pays it twice
+    per relayed message. Only used without a proxy (see `HttpTransport`); TLS uses httpx's
+    default context, so certificate checks are the same either way. An idle connection the
+    peer has closed is noticed before reuse and replaced; failed connects are retried twice,
+    as `httpx.HTTPTransport(retries=2)` did.
+    """
+
+    def __init__(self, url: httpx.URL, timeout: httpx.Timeout, max_idle: int = 64) -> None:
+        self.https = url.scheme == "https"
+        self.host = url.host
+        self.port = url.port or (443 if self.https else 80)
+        self.connect_timeout = timeout.connect
+        self.read_timeout = max(t for t in (timeout.read, timeout.write) if t is not None) \
+            if timeout.read is not None or timeout.write is not None else None
+        self.ssl = httpx.create_ssl_context() if self.https else None
+        self.max_idle = max_idle
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def _connect(self, timeout: float | None) -> http.client.HTTPConnection:
+        for attempt in range(3):
+            conn: http.client.HTTPConnection = (
+                http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.ssl)
+                if self.https else http.client.HTTPConnection(self.host, self.port, timeout=timeout))
+            try:
+                conn.connect()
+            except OSError:
+                conn.close()
+                if attempt == 2:
+                    raise
+                time.sleep(0.5 * attempt)
+                continue
+            if conn.sock is not None:
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return conn
+        raise AssertionError("unreachable")
+
+    def _checkout(self, timeout: float | None) -> http.client.HTTPConnection:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                return self._connect(timeout)
+            if conn.sock is not None:
+                poller = select.poll()  # not select.select: a busy server's descriptors pass 1024
+                poller.register(conn.sock, select.POLLIN)
+                if not poller.poll(0):  # an idle connection has nothing to say; if it has, the peer closed it
+                    return conn
+            conn.close()
+
+    def request(self, method: str, target: str, headers: Mapping[str, str], body: bytes,
+                timeout: float | None) -> tuple[int, dict[str, str], bytes]:
+        conn = self._checkout(self.connect_timeout if timeout is None else timeout)
+        try:
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout if timeout is not None else self.read_timeout)
+            conn.request(method, target, body=body if body or method != "GET" else None, headers=dict(headers))
+            response = conn.getresponse()
+            content = response.read()
+        except BaseException:
+            conn.close()
+            raise
+        if response.will_close:
+            conn.close()
+        else:
+            with self._lock:
+                if len(self._idle) < self.max_idle:
+                    self._idle.append(conn)
+                    conn = None  # type: ignore[assignment]
+            if conn is not None:
+                conn.close()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, content
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _proxied(url: httpx.URL) -> bool:
+    """Whether the environment routes this URL through a proxy (httpx honours HTTP(S)_PROXY; so do we,
+    by handing such peers to httpx)."""
+    proxies = urllib.request.getproxies()
+    return bool(proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(url.host)
+
+
 class HttpTransport:
     """Send outbox messages to the hub (or a node) over HTTP with signed requests and verified answers.
 
@@ -109,14 +205,23 @@ class HttpTransport:
         self.clock = clock
         self.chunk_size = chunk_size
         self.max_resumes = max_resumes
+        parsed = httpx.URL(self.base_url)
+        self._peer: _Peer | None = None
+        if client is None and parsed.scheme in ("http", "https") and not _proxied(parsed):
+            self._peer = _Peer(parsed, timeout)
+            self._base_path = parsed.raw_path.decode("ascii").split("?")[0].rstrip("/")
         self.client = client or httpx.Client(timeout=timeout, transport=httpx.HTTPTransport(retries=2))
 
     def close(self) -> None:
+        if self._peer is not None:
+            self._peer.close()
         self.client.close()
 
     def request(self, method: str, path: str, query: Mapping[str, str | int] | None, body: bytes,
                 content_type: str = OCTETS, timeout: float | None = None) -> tuple[int, bytes]:
         """One signed request; the answer counts only if `peer_code` signed it for our nonce."""
+        if self._peer is not None:
+            return self._request_direct(self._peer, method, path, query, body, content_type, timeout)
         url = self.base_url + path + ("?" + urlencode(query) if query else "")
         request = self.client.build_request(method, url, content=body,
                                             headers={"Content-Type": content_type} if body else {},
@@ -137,6 +242,25 @@ class HttpTransport:
             raise DeliveryError(f"{method} {path}: HTTP {response.status_code}, unauthenticated answer: "
                                 f"{exc.reason}") from None
         return response.status_code, content
+
+    def _request_direct(self, peer: _Peer, method: str, path: str, query: Mapping[str, str | int] | None,
+                        body: bytes, content_type: str, timeout: float | None) -> tuple[int, bytes]:
+        """`request` over the peer's own keep-alive connections; the same signing and checks."""
+        target = self._base_path + path + ("?" + urlencode(query) if query else "")  # exactly what is sent
+        nonce = new_nonce()
+        headers = sign_request(method, target, body, self.identity, _utc(self.clock), nonce, audience=self.peer_code)
+        if body:
+            headers["Content-Type"] = content_type
+        try:
+            status, response_headers, content = peer.request(method, target, headers, body, timeout)
+        except (OSError, http.client.HTTPException) as exc:
+            raise DeliveryError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        try:
+            verify_response(status, response_headers, content, self.trust.anchor, self.trust.crl, nonce,
+                            _utc(self.clock), expected_code=self.peer_code)
+        except TrustError as exc:
+            raise DeliveryError(f"{method} {path}: HTTP {status}, unauthenticated answer: {exc.reason}") from None
+        return status, content
 
     def _call(self, method: str, path: str, query: Mapping[str, str | int] | None, body: bytes,
               content_type: str = OCTETS) -> tuple[int, dict[str, Any]]:
@@ -295,8 +419,8 @@ class Receiver:
 
     def _accept(self, conn: Connection, source: str, msg_id: str, dest: str, patient_key: str, payload: bytes) -> Ack:
         """Store (and, on the hub, relay) one complete message inside the caller's transaction."""
-        if self.inbox.get(conn, msg_id) is None:  # a first arrival: check it may be accepted at all
-            relaying = dest != self.code
+        relaying = dest != self.code
+        if self.inbox.state(conn, msg_id) is None:  # a first arrival: check it may be accepted at all
             refusal = "wrong-destination" if relaying and self.relay is None else None
             if refusal is None and self.authorize is not None:
                 refusal = self.authorize(source, dest)
@@ -304,13 +428,14 @@ class Receiver:
                 refusal = "not-compressed"
             if refusal is not None:
                 return Ack(False, False, refusal)
-        receipt = self.inbox.receive(conn, msg_id, source, payload)
+        relay = self.relay if relaying else None
+        # Relayed: stored as processed, since queuing it onward below is all the processing it gets.
+        receipt = self.inbox.receive(conn, msg_id, source, payload, processed=relay is not None)
         if not receipt.accepted:
-            entry = self.inbox.get(conn, msg_id)
-            return Ack(False, receipt.duplicate, entry.reason if entry and entry.source == source else "rejected")
-        if not receipt.duplicate and dest != self.code and self.relay is not None:
-            self.relay.enqueue_compressed(conn, dest, patient_key, payload, msg_id=msg_id)
-            self.inbox.mark_processed(conn, msg_id)
+            state = self.inbox.state(conn, msg_id)
+            return Ack(False, receipt.duplicate, state[2] if state and state[0] == source else "rejected")
+        if not receipt.duplicate and relay is not None:
+            relay.enqueue_compressed(conn, dest, patient_key, payload, msg_id=msg_id)
         return Ack(True, receipt.duplicate)
 
     def _message(self, source: str, msg_id: str, params: Mapping[str, str], body: bytes, nonce: str | None) -> Reply:
@@ -330,10 +455,10 @@ class Receiver:
 
     def _delivered(self, conn: Connection, source: str, msg_id: str) -> dict[str, Any] | None:
         """The ack for an upload whose message already arrived (its final answer was lost)."""
-        entry = self.inbox.get(conn, msg_id)
-        if entry is None or entry.source != source:
+        state = self.inbox.state(conn, msg_id)
+        if state is None or state[0] != source:
             return None
-        return _ack_json(msg_id, Ack(entry.status != "rejected", True, entry.reason))
+        return _ack_json(msg_id, Ack(state[1] != "rejected", True, state[2]))
 
     def _begin_upload(self, source: str, msg_id: str, body: bytes, nonce: str | None) -> Reply:
         try:

@@ -44,6 +44,7 @@ import re
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -57,13 +58,16 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from joserfc import jws
 from joserfc.errors import BadSignatureError, JoseError
 from joserfc.jwk import ECKey
 from joserfc.jws import JWSRegistry
 from joserfc.registry import HeaderParameter
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, bindparam, delete, insert, select, update
+from sqlalchemy.dialects import postgresql as postgresql_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError
 
 from lienthong.exchange import schema
@@ -245,6 +249,62 @@ def check_crl(crl: x509.CertificateRevocationList, anchor: x509.Certificate, now
         raise TrustError(Reason.CRL_INVALID, "past its next update")
 
 
+@dataclass(frozen=True)
+class _ChainVerdict:
+    """A chain that passed `validate_chain` against this anchor and this CRL object, and the time
+    windows in which that verdict holds (the tighter of the two certificates', and the CRL's)."""
+
+    info: CertInfo
+    anchor: x509.Certificate
+    crl: x509.CertificateRevocationList
+    valid_from: datetime
+    valid_until: datetime
+    crl_until: datetime
+    expires: float  # time.monotonic() after which the chain is checked from scratch again
+
+
+class _Memo:
+    """A small thread-safe map with a size bound (oldest out first) for the verification caches."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        return self._data.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._data.pop(key, None)
+            while len(self._data) >= self.size:
+                self._data.pop(next(iter(self._data)))
+            self._data[key] = value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+# Verified chains, keyed by the certificates themselves (hashed and compared by their DER bytes).
+# A verdict is reused only with the very anchor and CRL objects it was reached with: installing a
+# new CRL (`TrustStore.update_crl`, a restart) makes every cached verdict miss, so a revocation takes
+# effect exactly when it did without the cache. Validity windows and the CRL's next update are
+# re-checked on every use; only the signature checks, extension parsing and revocation lookup are
+# saved (about 0.45 ms of the 0.48 ms a full check costs).
+CHAIN_CACHE_SECONDS = 300.0
+_CHAINS = _Memo(4096)
+
+
+def clear_verification_caches() -> None:
+    """Forget cached chain verdicts and parsed certificates (tests, or after changing trust by hand)."""
+    _CHAINS.clear()
+    _X5C.clear()
+
+
 def validate_chain(
     chain: Sequence[x509.Certificate],
     anchor: x509.Certificate,
@@ -255,9 +315,29 @@ def validate_chain(
 
     The PKI has one level: intermediates are refused rather than half-checked.
     A revoked certificate is refused whenever it signed: without a trusted
-    timestamp the signing time is only the signer's word.
+    timestamp the signing time is only the signer's word. A chain that passed
+    against the same anchor and CRL object within `CHAIN_CACHE_SECONDS` is not
+    checked again, apart from the time windows (see `_CHAINS`).
     """
     now = _now(now)
+    key = tuple(chain)
+    hit: _ChainVerdict | None = _CHAINS.get(key)
+    if (hit is not None and hit.anchor is anchor and hit.crl is crl and hit.expires > time.monotonic()
+            and hit.valid_from <= now <= hit.valid_until and now <= hit.crl_until):
+        return hit.info
+    info = _validate_chain(chain, anchor, crl, now)
+    leaf = chain[0]
+    assert crl.next_update_utc is not None  # checked by check_crl
+    _CHAINS.put(key, _ChainVerdict(
+        info, anchor, crl, max(anchor.not_valid_before_utc, leaf.not_valid_before_utc),
+        min(anchor.not_valid_after_utc, leaf.not_valid_after_utc), crl.next_update_utc,
+        time.monotonic() + CHAIN_CACHE_SECONDS))
+    return info
+
+
+def _validate_chain(chain: Sequence[x509.Certificate], anchor: x509.Certificate,
+                    crl: x509.CertificateRevocationList, now: datetime) -> CertInfo:
+    """Every check of `validate_chain`, from scratch."""
     if not chain:
         raise TrustError(Reason.MALFORMED, "empty certificate chain")
     leaf, rest = chain[0], list(chain[1:])
@@ -410,10 +490,22 @@ class NodeIdentity:
     def jwk(self) -> ECKey:
         return ECKey.import_key(_key_pem(self.key, None))
 
+    @cached_property
+    def _x5c(self) -> tuple[str, ...]:
+        return tuple(base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in self.chain)
+
+    def request_header(self, typ: str) -> str:
+        """The base64url protected header of this identity's request and response signatures."""
+        cache: dict[str, str] = self.__dict__.setdefault("_request_headers", {})
+        head = cache.get(typ)
+        if head is None:
+            head = cache[typ] = _b64u(orjson.dumps({"alg": "ES256", "typ": typ, "kid": self.kid,
+                                                    "x5c": list(self._x5c[:1])}))
+        return head
+
     def x5c(self, *, leaf_only: bool = False) -> list[str]:
         """Standard-base64 DER (RFC 7515 §4.1.6); the root is kept only for self-contained archives."""
-        certs = self.chain[:1] if leaf_only else self.chain
-        return [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii") for c in certs]
+        return list(self._x5c[:1] if leaf_only else self._x5c)
 
     def chain_pem(self) -> bytes:
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
@@ -727,7 +819,40 @@ def sign_package(payload: bytes, identity: NodeIdentity, extra_signers: Sequence
     return orjson.dumps({"payload": payload_segment, "signatures": signatures})
 
 
-def _parse_header(segment: Any, typ: str) -> tuple[dict[str, Any], list[x509.Certificate]]:
+class _Certs:
+    """The certificates of one `x5c` header value, parsed once, with the leaf's thumbprint and key."""
+
+    def __init__(self, certs: list[x509.Certificate]) -> None:
+        self.certs = certs
+        self.kid = thumbprint(certs[0])
+        self._jwk: ECKey | None = None
+        self._public_key: ec.EllipticCurvePublicKey | None = None
+
+    @property
+    def jwk(self) -> ECKey:
+        """The leaf's public key for JOSE; only asked for after `validate_chain` accepted the leaf."""
+        if self._jwk is None:
+            self._jwk = _public_jwk(self.certs[0])
+        return self._jwk
+
+    @property
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        """The leaf's P-256 key; `validate_chain` has checked its type before this is asked for."""
+        if self._public_key is None:
+            key = self.certs[0].public_key()
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise TypeError("not an EC key")
+            self._public_key = key
+        return self._public_key
+
+
+# Parsed x5c values: every request of a signer carries the same certificate, so it is decoded,
+# hashed and its key imported once. Only chains that then validated are kept (`_trusted`), so
+# strangers cannot crowd the cache.
+_X5C = _Memo(1024)
+
+
+def _parse_header(segment: Any, typ: str) -> tuple[dict[str, Any], _Certs]:
     """Decode and check a protected header; every shape problem is `malformed`, before any crypto."""
     try:
         header = orjson.loads(_b64u_decode(segment))
@@ -744,13 +869,25 @@ def _parse_header(segment: Any, typ: str) -> tuple[dict[str, Any], list[x509.Cer
     x5c, kid = header.get("x5c"), header.get("kid")
     if not isinstance(x5c, list) or not 1 <= len(x5c) <= 2 or not all(isinstance(c, str) for c in x5c):
         raise TrustError(Reason.MALFORMED, "x5c must list one or two certificates")
-    try:
-        certs = [x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c]
-    except ValueError:
-        raise TrustError(Reason.MALFORMED, "x5c holds an unreadable certificate") from None
-    if kid != thumbprint(certs[0]):
+    parsed: _Certs | None = _X5C.get(tuple(x5c))
+    if parsed is None:
+        try:
+            parsed = _Certs([x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c])
+        except ValueError:
+            raise TrustError(Reason.MALFORMED, "x5c holds an unreadable certificate") from None
+    if kid != parsed.kid:
         raise TrustError(Reason.MALFORMED, "kid is not the leaf certificate's thumbprint")
-    return header, certs
+    return header, parsed
+
+
+def _trusted(header: dict[str, Any], parsed: _Certs, anchor: x509.Certificate,
+             crl: x509.CertificateRevocationList, now: datetime) -> CertInfo:
+    """`validate_chain` for a parsed header; a chain that passed keeps its parsed form for next time."""
+    info = validate_chain(parsed.certs, anchor, crl, now)
+    key = tuple(header["x5c"])
+    if _X5C.get(key) is not parsed:
+        _X5C.put(key, parsed)
+    return info
 
 
 def verify_package(jws_bytes: bytes, payload: bytes, trust_anchor: x509.Certificate,
@@ -782,20 +919,20 @@ def verify_package(jws_bytes: bytes, payload: bytes, trust_anchor: x509.Certific
     for sig in doc["signatures"]:
         if not isinstance(sig, dict) or set(sig) != {"protected", "signature"}:
             raise TrustError(Reason.MALFORMED, "each signature needs exactly `protected` and `signature`")
-        header, certs = _parse_header(sig["protected"], PACKAGE_TYP)
+        header, parsed = _parse_header(sig["protected"], PACKAGE_TYP)
         if header["kid"] in seen:
             raise TrustError(Reason.MALFORMED, "the same certificate signed twice")
         seen.add(header["kid"])
         iat = header.get("iat")
         if not isinstance(iat, int):
             raise TrustError(Reason.MALFORMED, "iat missing")
-        info = validate_chain(certs, trust_anchor, crl, now)
+        info = _trusted(header, parsed, trust_anchor, crl, now)
         if iat > now.timestamp() + max_skew:
             raise TrustError(Reason.NOT_YET_VALID, "signed in the future")
         flat: jws.FlattenedJSONSerialization = {
             "payload": doc["payload"], "protected": sig["protected"], "signature": sig["signature"]}
         try:
-            jws.deserialize_json(flat, _public_jwk(certs[0]), registry=_REGISTRY)
+            jws.deserialize_json(flat, parsed.jwk, registry=_REGISTRY)
         except BadSignatureError:
             raise TrustError(Reason.BAD_SIGNATURE, info.subject) from None
         except (JoseError, ValueError, TypeError) as exc:
@@ -863,6 +1000,20 @@ class MemoryNonceStore:
         return len(self._seen)
 
 
+_NONCE = schema.exchange_nonce
+_NONCE_PURGE = delete(_NONCE).where(_NONCE.c.seen < bindparam("cutoff"))
+_NONCE_SEEN = select(_NONCE.c.seen).where(_NONCE.c.nonce == bindparam("nonce"))
+
+
+def _nonce_upsert(insert_: Any) -> Any:
+    stmt = insert_(_NONCE).values(nonce=bindparam("nonce"), seen=bindparam("seen"))
+    return stmt.on_conflict_do_update(index_elements=[_NONCE.c.nonce], set_={"seen": stmt.excluded.seen},
+                                      where=_NONCE.c.seen <= bindparam("cutoff")).returning(_NONCE.c.seen)
+
+
+_NONCE_UPSERT = {"sqlite": _nonce_upsert(sqlite_dialect.insert), "postgresql": _nonce_upsert(postgresql_dialect.insert)}
+
+
 class SqlNonceStore:
     """In the node's database (`exchange_nonce`), shared by all workers and surviving restarts.
 
@@ -876,7 +1027,6 @@ class SqlNonceStore:
         self._calls = 0
 
     def check_and_store(self, key: str, now: float, window: float) -> bool:
-        t = schema.exchange_nonce
         now_us, cutoff = int(now * 1_000_000), int((now - window) * 1_000_000)
         self._calls += 1
         purge = self._calls >= self.purge_every
@@ -885,14 +1035,18 @@ class SqlNonceStore:
         try:
             with self.engine.begin() as conn:
                 if purge:
-                    conn.execute(delete(t).where(t.c.seen < cutoff))
-                seen = conn.execute(select(t.c.seen).where(t.c.nonce == key)).scalar()
+                    conn.execute(_NONCE_PURGE, {"cutoff": cutoff})
+                upsert = _NONCE_UPSERT.get(conn.dialect.name)
+                if upsert is not None:  # one statement: stored, or refreshed if older than the window
+                    # RETURNING, not rowcount, says which: psycopg reports no rowcount for an upsert here.
+                    return conn.execute(upsert, {"nonce": key, "seen": now_us, "cutoff": cutoff}).first() is not None
+                seen = conn.execute(_NONCE_SEEN, {"nonce": key}).scalar()  # pragma: no cover - other databases
                 if seen is None:
-                    conn.execute(insert(t).values(nonce=key, seen=now_us))
+                    conn.execute(insert(_NONCE).values(nonce=key, seen=now_us))
                     return True
                 if seen > cutoff:
                     return False
-                conn.execute(update(t).where(t.c.nonce == key, t.c.seen == seen).values(seen=now_us))
+                conn.execute(update(_NONCE).where(_NONCE.c.nonce == key, _NONCE.c.seen == seen).values(seen=now_us))
                 return True
         except IntegrityError:
             return False
@@ -905,11 +1059,31 @@ def _digest_header(body: bytes) -> str:
     return "sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()).decode("ascii") + ":"
 
 
+_ES256 = ec.ECDSA(hashes.SHA256())
+
+
 def _sign_detached(identity: NodeIdentity, typ: str, canonical: bytes) -> str:
-    protected = {"alg": "ES256", "typ": typ, "kid": identity.kid, "x5c": identity.x5c(leaf_only=True)}
-    compact = jws.serialize_compact(protected, canonical, identity.jwk, registry=_REGISTRY)
-    head, _, sig = compact.split(".")
-    return f"{head}..{sig}"  # RFC 7515 appendix F: the receiver rebuilds the payload from the message
+    """A detached compact ES256 JWS (RFC 7515 appendix F: the receiver rebuilds the payload from the
+    message). Signed with `cryptography` directly rather than through joserfc: the protected header
+    is the same for every request of a signer, so it is encoded once (`NodeIdentity.request_header`),
+    and each hop signs and verifies two of these."""
+    head = identity.request_header(typ)
+    der = identity.key.sign(f"{head}.{_b64u(canonical)}".encode("ascii"), _ES256)
+    r, s = decode_dss_signature(der)
+    return f"{head}..{_b64u(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
+def _verify_es256(public_key: ec.EllipticCurvePublicKey, head: str, payload: bytes, signature: str) -> bool:
+    """Check a compact JWS's ES256 signature (R || S, 32 bytes each) over `head` and `payload`."""
+    raw = _b64u_decode(signature)  # ValueError: not base64url
+    if len(raw) != 64:
+        return False
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    try:
+        public_key.verify(der, f"{head}.{_b64u(payload)}".encode("ascii"), _ES256)
+    except InvalidSignature:
+        return False
+    return True
 
 
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
@@ -938,18 +1112,18 @@ def _verify_detached(
     parts = signature.split(".")
     if len(parts) != 3 or parts[1] != "":
         raise TrustError(Reason.MALFORMED, "signature must be a detached compact JWS")
-    _, certs = _parse_header(parts[0], typ)
-    if len(certs) != 1:
+    header, parsed = _parse_header(parts[0], typ)
+    if len(parsed.certs) != 1:
         raise TrustError(Reason.MALFORMED, "x5c must hold only the leaf")
-    info = validate_chain(certs, ca, crl, now)
+    info = _trusted(header, parsed, ca, crl, now)
     if info.role not in roles:
         raise TrustError(Reason.WRONG_ROLE, f"{info.role} may not sign this")
     try:
-        jws.deserialize_compact(signature, _public_jwk(certs[0]), registry=_REGISTRY, payload=build(ts, nonce))
-    except BadSignatureError:
-        raise TrustError(Reason.BAD_SIGNATURE, info.subject) from None
-    except (JoseError, ValueError, TypeError) as exc:
+        valid = _verify_es256(parsed.public_key, parts[0], build(ts, nonce), parts[2])
+    except (ValueError, TypeError) as exc:
         raise TrustError(Reason.MALFORMED, type(exc).__name__) from None
+    if not valid:
+        raise TrustError(Reason.BAD_SIGNATURE, info.subject)
     return info, nonce
 
 
