@@ -42,10 +42,20 @@ DEMO_CODES = {PROVINCIAL: "24901", "Trung tâm Y tế huyện Lục Ngạn": "24
 DATA_FILE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "bac-giang-2025-02.json"
 
 
+SERVER_START_SECONDS = 60
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _bound_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 @dataclass
@@ -130,7 +140,10 @@ def start_province(folder: Path, fresh: bool = True, units: list[tuple[str, str]
     ca = ProvincialCA.load_dir(folder / "ca")
     trust = load_trust(ca.cert_pem(), ca.crl().public_bytes(_pem()))
     province = Province(folder=folder)
-    ports = {code: _free_port() for code, _ in [HUB, *units]}
+    # Each server gets a socket bound here and kept open, so no other process can take its port between
+    # choosing it and the server's start (a port chosen and released first was seen taken by then).
+    sockets = {code: _bound_socket() for code, _ in [HUB, *units]}
+    ports = {code: int(sock.getsockname()[1]) for code, sock in sockets.items()}
     hub_url = f"http://127.0.0.1:{ports[HUB[0]]}/exchange"
     for code, name in [HUB, *units]:
         role = "hub" if code == HUB[0] else "node"
@@ -144,7 +157,8 @@ def start_province(folder: Path, fresh: bool = True, units: list[tuple[str, str]
         server = uvicorn.Server(uvicorn.Config(app_for(node, settings), host="127.0.0.1", port=ports[code],
                                                log_level="warning", lifespan="off"))
         unit = Unit(code, name, node, exchange, ports[code], server)
-        unit.thread = threading.Thread(target=server.run, name=f"server-{code}", daemon=True)
+        unit.thread = threading.Thread(target=server.run, kwargs={"sockets": [sockets[code]]}, name=f"server-{code}",
+                                       daemon=True)
         unit.thread.start()
         province.units[code] = unit
     hub = province.units[HUB[0]]
@@ -156,8 +170,13 @@ def start_province(folder: Path, fresh: bool = True, units: list[tuple[str, str]
                                  clearance_ref="Demo: kiểm tra an ninh giả lập / simulated security check",
                                  code_is_official=code not in DEMO_CODES.values(),
                                  cert_pem=identities[code].chain_pem().decode()))
+    deadline = time.monotonic() + SERVER_START_SECONDS
     for unit in province.units.values():
         while unit.server is not None and not unit.server.started:
+            if unit.thread is None or not unit.thread.is_alive() or time.monotonic() > deadline:
+                province.stop()
+                raise RuntimeError(f"máy chủ {unit.code} không khởi động được / the server of {unit.code} did not "
+                                   f"start on port {unit.port}")
             time.sleep(0.02)
         unit.exchange.start()
     return province
