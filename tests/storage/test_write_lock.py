@@ -108,3 +108,28 @@ def test_instants_and_http_dates_render_as_strftime_would() -> None:
         moment = epoch + timedelta(microseconds=us)
         assert format_instant(us) == moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
         assert format_http_date(us) == moment.strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+def test_the_dedicated_writer_leaves_wal_checkpoints_to_a_background_thread(tmp_path: Path) -> None:
+    """Its commits never copy the WAL into the database inline (requests wait on them); a background
+    PASSIVE checkpoint does, so the log is still folded back."""
+    from lienthong.storage.engine import DedicatedWriter
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (n INTEGER, pad TEXT)"))
+    writer = DedicatedWriter(engine)
+    writer.CHECKPOINT_SECONDS = 0.0
+    for i in range(200):
+        with writer.transaction() as cur:
+            cur.execute("INSERT INTO t VALUES (?, ?)", (i, "x" * 4000))
+    assert writer._conn.cursor().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    deadline = time.monotonic() + 10
+    while writer.checkpoints == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer.checkpoints > 0
+    writer.close()
+    with engine.connect() as conn:  # the closed writer's connection did not go back to the pool as it was
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
+        assert conn.execute(text("SELECT count(*) FROM t")).scalar() == 200
+    engine.dispose()
