@@ -383,7 +383,14 @@ class Dispatcher:
         if not ids:
             return []
         with self.engine.begin() as conn:
-            rows = {r[0]: r for r in conn.execute(_CLAIM, {"ids": ids})}
+            return self._claim_in(conn, ids)
+
+    @staticmethod
+    def _claim_in(conn: Connection, ids: list[str]) -> list[OutboundMessage]:
+        """`_claim` inside the caller's transaction."""
+        if not ids:
+            return []
+        rows = {r[0]: r for r in conn.execute(_CLAIM, {"ids": ids})}
         return [OutboundMessage(m, r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7])
                 for m in ids if (r := rows.get(m)) is not None]
 
@@ -432,10 +439,7 @@ class Dispatcher:
             self._write_outcomes(conn, outcomes)
             if free <= 0:
                 return []
-            due = self._due(conn, _us(self.clock()))[:free]
-            rows = {r[0]: r for r in conn.execute(_CLAIM, {"ids": due})} if due else {}
-        return [OutboundMessage(m, r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7])
-                for m in due if (r := rows.get(m)) is not None]
+            return self._claim_in(conn, self._due(conn, _us(self.clock()))[:free])
 
     def run_once(self) -> DispatchResult:
         """Send every stream head that is due now (one message per stream), `concurrency` at a time."""
@@ -554,7 +558,6 @@ class RejectMessage(Exception):
         super().__init__(reason)
 
 
-_INBOX_LOOKUP = select(inbox.c.source, inbox.c.status).where(inbox.c.msg_id == bindparam("m"))
 _INBOX_LAST = select(func.max(inbox.c.received))
 # A second copy arriving at the same moment loses on the primary key without an error, so no savepoint
 # is needed around the insert (one round trip less per message on both databases).
@@ -564,7 +567,6 @@ _INBOX_INSERT_NEW = {
     "postgresql": postgresql.insert(inbox).on_conflict_do_nothing(index_elements=[inbox.c.msg_id])
     .returning(inbox.c.msg_id),
 }
-_INBOX_INSERT = insert(inbox)
 _INBOX_GET = select(inbox.c.msg_id, inbox.c.source, inbox.c.received, inbox.c.status, inbox.c.reason,
                     inbox.c.payload).where(inbox.c.msg_id == bindparam("m"))
 _INBOX_STATE = select(inbox.c.source, inbox.c.status, inbox.c.reason).where(inbox.c.msg_id == bindparam("m"))
@@ -596,7 +598,7 @@ class Inbox:
         `processed`: the caller has dealt with the message in this same transaction (the hub relays
         it), so the row is stored as processed rather than updated a second time."""
         _check_msg_id(msg_id)
-        existing = conn.execute(_INBOX_LOOKUP, {"m": msg_id}).first()
+        existing = conn.execute(_INBOX_STATE, {"m": msg_id}).first()
         if existing is not None:
             return self._duplicate(msg_id, source, existing[0], existing[1])
         reason = self.validator(source, payload) if self.validator is not None else None
@@ -606,18 +608,9 @@ class Inbox:
         row = {"msg_id": msg_id, "source": source, "received": received,
                "status": REJECTED if reason else PROCESSED if processed else RECEIVED, "reason": reason,
                "payload": payload}
-        statement = _INBOX_INSERT_NEW.get(conn.dialect.name)
-        if statement is not None:
-            stored = conn.execute(statement, row).first() is not None
-        else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-            try:
-                with conn.begin_nested():
-                    conn.execute(_INBOX_INSERT, row)
-                stored = True
-            except IntegrityError:
-                stored = False
-        if not stored:  # the same message arrived twice at once; the other copy won
-            first = conn.execute(_INBOX_LOOKUP, {"m": msg_id}).one()
+        if conn.execute(_INBOX_INSERT_NEW[conn.dialect.name], row).first() is None:
+            # The same message arrived twice at once; the other copy won.
+            first = conn.execute(_INBOX_STATE, {"m": msg_id}).one()
             return self._duplicate(msg_id, source, first[0], first[1])
         return Receipt(reason is None, False)
 

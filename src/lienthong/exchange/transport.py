@@ -219,44 +219,34 @@ class HttpTransport:
 
     def request(self, method: str, path: str, query: Mapping[str, str | int] | None, body: bytes,
                 content_type: str = OCTETS, timeout: float | None = None) -> tuple[int, bytes]:
-        """One signed request; the answer counts only if `peer_code` signed it for our nonce."""
+        """One signed request; the answer counts only if `peer_code` signed it for our nonce. It goes over
+        the peer's own keep-alive connections (`_Peer`) or, with an injected client or a proxy, httpx."""
+        suffix = path + ("?" + urlencode(query) if query else "")
+        built: httpx.Request | None = None
         if self._peer is not None:
-            return self._request_direct(self._peer, method, path, query, body, content_type, timeout)
-        url = self.base_url + path + ("?" + urlencode(query) if query else "")
-        request = self.client.build_request(method, url, content=body,
-                                            headers={"Content-Type": content_type} if body else {},
-                                            timeout=self.client.timeout if timeout is None else timeout)
-        target = request.url.raw_path.decode("ascii")  # exactly the path and query that go on the wire
+            target = self._base_path + suffix
+        else:
+            built = self.client.build_request(method, self.base_url + suffix, content=body,
+                                              headers={"Content-Type": content_type} if body else {},
+                                              timeout=self.client.timeout if timeout is None else timeout)
+            target = built.url.raw_path.decode("ascii")
+        # `target` is exactly the path and query that go on the wire, which the signature covers.
         nonce = new_nonce()
-        request.headers.update(sign_request(method, target, body, self.identity, _utc(self.clock), nonce,
-                                            audience=self.peer_code))
+        signed = sign_request(method, target, body, self.identity, _utc(self.clock), nonce, audience=self.peer_code)
+        answer_headers: Mapping[str, str]
         try:
-            response = self.client.send(request)
-        except httpx.HTTPError as exc:
-            raise DeliveryError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
-        content = response.content
-        try:
-            verify_response(response.status_code, response.headers, content, self.trust.anchor, self.trust.crl,
-                            nonce, _utc(self.clock), expected_code=self.peer_code)
-        except TrustError as exc:
-            raise DeliveryError(f"{method} {path}: HTTP {response.status_code}, unauthenticated answer: "
-                                f"{exc.reason}") from None
-        return response.status_code, content
-
-    def _request_direct(self, peer: _Peer, method: str, path: str, query: Mapping[str, str | int] | None,
-                        body: bytes, content_type: str, timeout: float | None) -> tuple[int, bytes]:
-        """`request` over the peer's own keep-alive connections; the same signing and checks."""
-        target = self._base_path + path + ("?" + urlencode(query) if query else "")  # exactly what is sent
-        nonce = new_nonce()
-        headers = sign_request(method, target, body, self.identity, _utc(self.clock), nonce, audience=self.peer_code)
-        if body:
-            headers["Content-Type"] = content_type
-        try:
-            status, response_headers, content = peer.request(method, target, headers, body, timeout)
-        except (OSError, http.client.HTTPException) as exc:
+            if built is None:
+                assert self._peer is not None
+                headers = {**signed, "Content-Type": content_type} if body else signed
+                status, answer_headers, content = self._peer.request(method, target, headers, body, timeout)
+            else:
+                built.headers.update(signed)
+                response = self.client.send(built)
+                status, answer_headers, content = response.status_code, response.headers, response.content
+        except (httpx.HTTPError, OSError, http.client.HTTPException) as exc:
             raise DeliveryError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
         try:
-            verify_response(status, response_headers, content, self.trust.anchor, self.trust.crl, nonce,
+            verify_response(status, answer_headers, content, self.trust.anchor, self.trust.crl, nonce,
                             _utc(self.clock), expected_code=self.peer_code)
         except TrustError as exc:
             raise DeliveryError(f"{method} {path}: HTTP {status}, unauthenticated answer: {exc.reason}") from None

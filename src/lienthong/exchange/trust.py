@@ -65,7 +65,7 @@ from joserfc.errors import BadSignatureError, JoseError
 from joserfc.jwk import ECKey
 from joserfc.jws import JWSRegistry
 from joserfc.registry import HeaderParameter
-from sqlalchemy import Engine, bindparam, delete, insert, select, update
+from sqlalchemy import Engine, bindparam, delete
 from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError
@@ -1002,7 +1002,6 @@ class MemoryNonceStore:
 
 _NONCE = schema.exchange_nonce
 _NONCE_PURGE = delete(_NONCE).where(_NONCE.c.seen < bindparam("cutoff"))
-_NONCE_SEEN = select(_NONCE.c.seen).where(_NONCE.c.nonce == bindparam("nonce"))
 
 
 def _nonce_upsert(insert_: Any) -> Any:
@@ -1036,18 +1035,10 @@ class SqlNonceStore:
             with self.engine.begin() as conn:
                 if purge:
                     conn.execute(_NONCE_PURGE, {"cutoff": cutoff})
-                upsert = _NONCE_UPSERT.get(conn.dialect.name)
-                if upsert is not None:  # one statement: stored, or refreshed if older than the window
-                    # RETURNING, not rowcount, says which: psycopg reports no rowcount for an upsert here.
-                    return conn.execute(upsert, {"nonce": key, "seen": now_us, "cutoff": cutoff}).first() is not None
-                seen = conn.execute(_NONCE_SEEN, {"nonce": key}).scalar()  # pragma: no cover - other databases
-                if seen is None:
-                    conn.execute(insert(_NONCE).values(nonce=key, seen=now_us))
-                    return True
-                if seen > cutoff:
-                    return False
-                conn.execute(update(_NONCE).where(_NONCE.c.nonce == key, _NONCE.c.seen == seen).values(seen=now_us))
-                return True
+                # One statement: stored, or refreshed if older than the window. RETURNING, not rowcount,
+                # says which: psycopg reports no rowcount for an upsert here.
+                return conn.execute(_NONCE_UPSERT[conn.dialect.name],
+                                    {"nonce": key, "seen": now_us, "cutoff": cutoff}).first() is not None
         except IntegrityError:
             return False
 

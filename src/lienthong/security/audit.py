@@ -183,12 +183,14 @@ def _balp_query(event: dict[str, Any], actor: dict[str, Any], entities: list[dic
                               "code": "XrequestId"}})
 
 
+_LOG_COLUMNS = ("seq", "recorded", "actor", "facility", "action", "outcome", "body", "prev_hash", "hash")
+
+
 def _statements(mark: str, lock: str) -> tuple[str, str, str, str]:
     """The writer's four statements in the driver's own paramstyle: the audit writer runs them for every
     batch, so they bypass SQL compilation (about a third of a small batch's cost)."""
-    cols = "seq, recorded, actor, facility, action, outcome, body, prev_hash, hash"
     return (f"SELECT seq, hash FROM audit_head WHERE id = 1{lock}",
-            f"INSERT INTO audit_log ({cols}) VALUES ({', '.join([mark] * 9)})",
+            f"INSERT INTO audit_log ({', '.join(_LOG_COLUMNS)}) VALUES ({', '.join([mark] * len(_LOG_COLUMNS))})",
             f"INSERT INTO audit_patient (seq, patient_id) VALUES ({mark}, {mark})",
             f"UPDATE audit_head SET seq = {mark}, hash = {mark} WHERE id = 1")
 
@@ -197,17 +199,17 @@ _SQLITE_SQL = _statements("?", "")
 # PostgreSQL: a batch's rows go in as one JSON document per table, expanded by json_to_recordset and
 # serialised by orjson. psycopg's executemany spends ~50 µs of Python per row, a multi-row VALUES list
 # changes its text with the batch size (no statement cache), and array parameters are dumped in Python.
+_PG_HEAD, _, _, _PG_MOVE_HEAD = _statements("%s", " FOR UPDATE")
 _POSTGRES_SQL = (
-    _statements("%s", " FOR UPDATE")[0],
-    "INSERT INTO audit_log (seq, recorded, actor, facility, action, outcome, body, prev_hash, hash) "
+    _PG_HEAD,
+    f"INSERT INTO audit_log ({', '.join(_LOG_COLUMNS)}) "
     "SELECT seq, recorded, actor, facility, action, outcome, convert_to(body, 'UTF8'), prev_hash, hash "
     "FROM json_to_recordset(%s::json) AS r(seq bigint, recorded bigint, actor text, facility text, action text, "
     "outcome text, body text, prev_hash text, hash text)",
     "INSERT INTO audit_patient (seq, patient_id) "
     "SELECT seq, patient_id FROM json_to_recordset(%s::json) AS r(seq bigint, patient_id text)",
-    _statements("%s", " FOR UPDATE")[3],
+    _PG_MOVE_HEAD,
 )
-_LOG_COLUMNS = ("seq", "recorded", "actor", "facility", "action", "outcome", "body", "prev_hash", "hash")
 
 
 def _chain(prev: str, seq: int, body: bytes, columns: tuple[Any, ...] = ()) -> str:
