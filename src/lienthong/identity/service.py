@@ -29,6 +29,7 @@ from lienthong.interactions.context import Context
 from lienthong.interactions.guard import AuditFacts
 from lienthong.interactions.service import FhirService
 from lienthong.storage import schema
+from lienthong.storage.prepared import ListMatch, PlannedOnce
 from lienthong.storage.repository import JSON, Store, Stored
 
 MATCH_GRADE = "http://hl7.org/fhir/StructureDefinition/match-grade"
@@ -38,22 +39,22 @@ MAX_CANDIDATES = 100  # scored per $match; see `IdentityService.candidates` and 
 _IDENTIFIER_KEYS = frozenset({"id", "si", "ph", "ox"})
 
 
-def _candidates_statement() -> Select[str, str, str | None]:
-    """Built once with bound parameters, so SQLAlchemy compiles it once (see `IdentityService.candidates`)."""
+def _candidates_statement(one_of: ListMatch) -> Select[tuple[str, str | None]]:
+    """See `IdentityService.candidates`; prepared once per connection on PostgreSQL (`PlannedOnce`)."""
     b, p = schema.mpi_block, schema.mpi_person
     hits = (select(b.c.patient_id, b.c.key, func.count().over(partition_by=b.c.key).label("size"))
-            .where(b.c.key.in_(bindparam("keys", expanding=True))).subquery())
-    is_exact = case((hits.c.key.in_(bindparam("exact", expanding=True)), 1), else_=0)
+            .where(one_of(b.c.key, "keys")).subquery())
+    is_exact = case((one_of(hits.c.key, "exact"), 1), else_=0)
     per_person = (select(hits.c.patient_id, func.max(is_exact).label("exact"),
                          func.sum(1.0 / cast(hits.c.size, Float)).label("weight"))
                   .group_by(hits.c.patient_id).subquery())
     ranked = select(per_person.c.patient_id, per_person.c.exact, func.row_number().over(
         order_by=(per_person.c.weight.desc(), per_person.c.patient_id)).label("rank")).subquery()
-    return (select(p.c.patient_id, p.c.record, p.c.derived).join(ranked, ranked.c.patient_id == p.c.patient_id)
+    return (select(p.c.patient_id, p.c.derived).join(ranked, ranked.c.patient_id == p.c.patient_id)
             .where(or_(ranked.c.exact == 1, ranked.c.rank <= bindparam("limit"))).order_by(ranked.c.rank))
 
 
-_CANDIDATES = _candidates_statement()
+_CANDIDATES = PlannedOnce(_candidates_statement)
 
 
 @lru_cache(maxsize=1)
@@ -71,14 +72,12 @@ def _derived_json(record: PersonRecord) -> str:
     return orjson.dumps(stored_derived(derive(record))).decode()
 
 
-def _record_from(patient_id: str, text: str, derived: str | None = None) -> IndexedRecord:
-    return IndexedRecord(patient_id, **orjson.loads(text), derived=load_derived(orjson.loads(derived)) if derived else None)
-
-
 def grade(result: MatchResult, record: PersonRecord, candidate: PersonRecord) -> str:
-    """FHIR match-grade: certain only with the same valid personal ID number."""
+    """FHIR match-grade: certain only with the same valid personal ID number (as normalised for scoring:
+    a candidate from the index carries only its normalised values)."""
     if result.decision == "match":
-        same_id = record.national_id and record.national_id == candidate.national_id
+        national = derive(record)["national_id"]
+        same_id = national and national == derive(candidate)["national_id"]
         return "certain" if same_id else "probable"
     return "possible" if result.decision == "review" else "certainly-not"  # no_match
 
@@ -146,9 +145,16 @@ class IdentityService:
             return []
         exact = [k for k in keys if k.split(":", 1)[0] in _IDENTIFIER_KEYS]
         store.flush()
-        rows = store.conn.execute(_CANDIDATES, {"keys": keys, "exact": exact,
-                                                "limit": limit or self.max_candidates}).all()
-        return [_record_from(pid, text, derived) for pid, text, derived in rows if not exclude or pid not in exclude]
+        rows = _CANDIDATES.rows(store.conn, {"keys": keys, "exact": exact, "limit": limit or self.max_candidates})
+        found = [(pid, load_derived(orjson.loads(derived)) if derived else None) for pid, derived in rows
+                 if not exclude or pid not in exclude]
+        # Scoring reads only the stored normalised values; the raw fields are read (and normalised again)
+        # only for persons indexed by another version of `derive`.
+        stale = [pid for pid, values in found if values is None]
+        raw = dict(store.execute(select(schema.mpi_person.c.patient_id, schema.mpi_person.c.record)
+                                 .where(schema.mpi_person.c.patient_id.in_(stale))).all()) if stale else {}
+        return [IndexedRecord(pid, derived=values) if values is not None
+                else IndexedRecord(pid, **orjson.loads(raw[pid])) for pid, values in found]
 
     # ---- $match ------------------------------------------------------------------
     def match(self, ctx: Context, payload: Any) -> JSON:

@@ -25,6 +25,7 @@ from lienthong.fhir.outcome import error
 from lienthong.fhir.search_params import IndexRows, SearchRegistry
 from lienthong.storage import schema
 from lienthong.storage.engine import is_sqlite
+from lienthong.storage.prepared import PlannedOnce
 
 JSON = dict[str, Any]
 
@@ -65,8 +66,8 @@ _CURRENT_OF_TYPE = (
 )
 _CURRENT = _CURRENT_OF_TYPE.where(schema.resource.c.rid == bindparam("rid"))
 # Current, non-deleted versions of several ids (`fetch_current`, e.g. `$match` results).
-_CURRENT_MANY = _CURRENT_OF_TYPE.where(schema.resource.c.rid.in_(bindparam("rids", expanding=True)),
-                                       schema.resource.c.deleted == false())
+_CURRENT_MANY = PlannedOnce(lambda one_of: _CURRENT_OF_TYPE.where(one_of(schema.resource.c.rid, "rids"),
+                                                                   schema.resource.c.deleted == false()))
 
 
 def new_id() -> str:
@@ -164,7 +165,7 @@ class Store:
             by_type.setdefault(rtype, []).append(rid)
         for rtype, ids in by_type.items():
             for start in range(0, len(ids), 500):
-                rows = self.conn.execute(_CURRENT_MANY, {"rtype": rtype, "rids": ids[start : start + 500]})
+                rows = _CURRENT_MANY.rows(self.conn, {"rtype": rtype, "rids": ids[start : start + 500]})
                 out.extend(Stored(*row) for row in rows)
         return out
 
