@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 GENESIS = "0" * 64
 # Group commit: once a record is pending, the writer lingers this long for concurrent requests' records, so
 # one transaction carries many (a commit's fixed cost is several times a record's); small next to a read.
+# It lingers only when answers are concurrent (the last batch or the queue holds more than one record): a
+# lone client would wait the whole linger on every answer for a batch of one.
 LINGER_SECONDS = 0.002
 LINGER_BATCH = 64  # ...unless this many are already waiting
 COMMIT_ATTEMPTS = 4  # a batch that fails (e.g. SQLite busy) is retried before its waiters are failed
@@ -281,6 +283,7 @@ class AuditTrail:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one batch in flight at a time: the chain order is commit order
         self._writer: DedicatedWriter | None = None  # the writer's own connection (used under _flush_lock)
+        self._last_batch = 0  # records in the last committed batch: >1 means concurrent answers (see LINGER)
 
     # ---- writing -------------------------------------------------------------
     def record_in(self, conn: Connection, records: Sequence[AuditRecord]) -> None:
@@ -373,7 +376,8 @@ class AuditTrail:
                 continue
             if self._stopping and not self._pending:
                 return
-            if len(self._pending) < LINGER_BATCH and not self._stopping:
+            waiting = len(self._pending)
+            if (self._last_batch > 1 or waiting > 1) and waiting < LINGER_BATCH and not self._stopping:
                 time.sleep(LINGER_SECONDS)
             try:
                 self.flush()
@@ -388,6 +392,7 @@ class AuditTrail:
             batch = [pending.popleft() for _ in range(len(pending))]  # what arrives meanwhile waits its turn
             if not batch:
                 return
+            self._last_batch = len(batch)
             records = [item[0] for item in batch]
             for attempt in range(COMMIT_ATTEMPTS):
                 try:

@@ -195,8 +195,16 @@ class DedicatedWriter:
             try:
                 if self._sqlite:
                     cur.execute("BEGIN IMMEDIATE")  # the driver runs in autocommit mode (see the pragmas)
-                yield cur
-                self._conn.commit()
+                    yield cur
+                    self._conn.commit()
+                else:
+                    # Pipeline mode: statements are sent without waiting for each answer, and the driver
+                    # waits only where the caller reads a result. A batch of the audit trail (BEGIN, read
+                    # the chain head, three writes, COMMIT) costs two round trips instead of six.
+                    driver = self._conn.driver_connection
+                    with driver.pipeline():
+                        yield cur
+                        driver.commit()
             finally:
                 cur.close()
             if self._sqlite:
