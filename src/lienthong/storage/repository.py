@@ -64,7 +64,7 @@ _CURRENT_OF_TYPE = (
           & (schema.resource_version.c.version == schema.resource.c.version))
     .where(schema.resource.c.rtype == bindparam("rtype"))
 )
-_CURRENT = _CURRENT_OF_TYPE.where(schema.resource.c.rid == bindparam("rid"))
+_CURRENT = PlannedOnce(lambda _: _CURRENT_OF_TYPE.where(schema.resource.c.rid == bindparam("rid")))  # every read by id
 # Current, non-deleted versions of several ids (`fetch_current`, e.g. `$match` results).
 _CURRENT_MANY = PlannedOnce(lambda one_of: _CURRENT_OF_TYPE.where(one_of(schema.resource.c.rid, "rids"),
                                                                    schema.resource.c.deleted == false()))
@@ -122,8 +122,8 @@ class Store:
             # Lock the pointer row alone first: a FOR UPDATE over the join would, once the previous lock
             # holder commits a new version, re-check the join against the old version and find nothing.
             self.conn.execute(select(r.c.res_pk).where(r.c.rtype == rtype, r.c.rid == rid).with_for_update())
-        row = self.conn.execute(_CURRENT, {"rtype": rtype, "rid": rid}).first()
-        return Stored(*row) if row else None
+        rows = _CURRENT.rows(self.conn, {"rtype": rtype, "rid": rid})
+        return Stored(*rows[0]) if rows else None
 
     def version(self, rtype: str, rid: str, version: int) -> Stored | None:
         self.flush()
