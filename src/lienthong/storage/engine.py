@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +155,38 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     kwargs.setdefault("connect_args", {"prepare_threshold": None})
     kwargs.setdefault("pool_size", 20)
     kwargs.setdefault("max_overflow", 10)
-    kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if not kwargs.get("pool_pre_ping"):
+        _ping_when_idle(engine)
+    return engine
+
+
+PING_AFTER_IDLE_SECONDS = 2.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Check a pooled connection before use only when it has been idle for a while.
+
+    Why not SQLAlchemy's `pool_pre_ping`: it costs a round trip on every checkout, a fifth of the CPU of
+    a read by id. A connection used in the last seconds is alive unless the server went away within
+    them, which the requests in flight then would not have survived either; an idle one is checked, and
+    a dead one replaced before the request sees it (raising `DisconnectionError` makes the pool reconnect).
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _used(_dbapi_conn: Any, record: Any) -> None:
+        record.info["used_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("used_at", 0.0) < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            raise DisconnectionError("connection lost while idle") from exc
+        if not alive:
+            raise DisconnectionError("connection lost while idle")
 
 
 class DedicatedWriter:
