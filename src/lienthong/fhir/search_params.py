@@ -97,16 +97,18 @@ class IndexRows:
 class SearchRegistry:
     """All compiled search parameters, by resource type and code."""
 
-    def __init__(self, defs: definitions.R4Definitions) -> None:
+    def __init__(self, defs: definitions.R4Definitions, fast: bool = True) -> None:
+        """`fast=False` compiles the general FHIRPath step evaluator only: the tests' reference."""
         self.by_type: dict[str, dict[str, SearchParam]] = {t: {} for t in defs.resource_types}
+        self._plans: dict[str, list[_PlanEntry]] = {}
         self.unsupported: list[tuple[str, str]] = []
         by_url: dict[str, Any] = {sp["url"]: sp for sp in defs.search_parameters}
         for sp in defs.search_parameters:
             if sp.get("type") == "special" or not sp.get("expression"):
                 continue
             try:
-                branches = compile_expression(sp["expression"])
-                components = self._components(sp, by_url)
+                branches = compile_expression(sp["expression"], fast)
+                components = self._components(sp, by_url, fast)
             except UnsupportedExpression as exc:
                 self.unsupported.append((sp["url"], str(exc)))
                 continue
@@ -131,7 +133,7 @@ class SearchRegistry:
                     )
 
     @staticmethod
-    def _components(sp: dict[str, Any], by_url: dict[str, Any]) -> tuple[Component, ...]:
+    def _components(sp: dict[str, Any], by_url: dict[str, Any], fast: bool) -> tuple[Component, ...]:
         if sp.get("type") != "composite":
             return ()
         out = []
@@ -139,7 +141,7 @@ class SearchRegistry:
             target = by_url.get(comp["definition"])
             if target is None:
                 raise UnsupportedExpression(f"component {comp['definition']}")
-            out.append(Component(target["code"], target["type"], compile_relative(comp["expression"])))
+            out.append(Component(target["code"], target["type"], compile_relative(comp["expression"], fast)))
         return tuple(out)
 
     def params(self, resource_type: str) -> dict[str, SearchParam]:
@@ -153,30 +155,49 @@ class SearchRegistry:
         rows = IndexRows()
         present = set(resource)
         present.update(CHOICE_KEYS[k][0] for k in resource if k in CHOICE_KEYS)
-        for param in self.by_type.get(resource.get("resourceType", ""), {}).values():
+        rtype = resource.get("resourceType", "")
+        plan = self._plans.get(rtype)
+        if plan is None:
+            plan = self._plans[rtype] = _plan(self.by_type.get(rtype, {}))
+        for firsts, paths, adder, key, param, components in plan:
+            if firsts is not None and firsts.isdisjoint(present):
+                continue
             nodes: list[Node] = []
-            for path in param.paths:
+            for path in paths:
                 if path.first is None or path.first in present:
                     nodes.extend(path.evaluate(resource))
             if not nodes:
                 continue
-            if param.type == "composite":
+            if components:
                 for grp, node in enumerate(nodes):
-                    for i, comp in enumerate(param.components):
-                        _add_rows(rows, comp.type, param.component_key(i), grp, comp.evaluate(node), None)
-            else:
-                _add_rows(rows, param.type, param.key, None, nodes, param)
+                    for comp_adder, comp_key, evaluate in components:
+                        if comp_adder is not None:
+                            for value in evaluate(node):
+                                comp_adder(rows, comp_key, grp, value, None)
+            elif adder is not None:
+                for node in nodes:
+                    adder(rows, key, None, node, param)
         return rows
 
 
-def _add_rows(
-    rows: IndexRows, ptype: str, key: int, grp: int | None, nodes: list[Node], param: SearchParam | None
-) -> None:
-    adder = _ADDERS.get(ptype)
-    if adder is None:
-        return
-    for node in nodes:
-        adder(rows, key, grp, node, param)
+_Adder = Callable[["IndexRows", int, "int | None", Node, "SearchParam | None"], None]
+# Per parameter: (first element names when every path has one, paths, adder, key, param, components as
+# (adder, key, evaluate)). Precomputed once per resource type, so extraction does no lookups per parameter.
+_PlanEntry = tuple[
+    frozenset[str] | None, tuple[CompiledPath, ...], "_Adder | None", int, SearchParam,
+    tuple[tuple["_Adder | None", int, Callable[[Node], list[Node]]], ...],
+]
+
+
+def _plan(params: dict[str, SearchParam]) -> list[_PlanEntry]:
+    out: list[_PlanEntry] = []
+    for param in params.values():
+        firsts = [p.first for p in param.paths]
+        components = tuple((_ADDERS.get(c.type), param.component_key(i), c.evaluate)
+                           for i, c in enumerate(param.components)) if param.type == "composite" else ()
+        out.append((None if None in firsts else frozenset(f for f in firsts if f is not None), param.paths,
+                    _ADDERS.get(param.type), param.key, param, components))
+    return out
 
 
 def _clip(text: str) -> str:
