@@ -100,7 +100,7 @@ class SearchRegistry:
     def __init__(self, defs: definitions.R4Definitions, fast: bool = True) -> None:
         """`fast=False` compiles the general FHIRPath step evaluator only: the tests' reference."""
         self.by_type: dict[str, dict[str, SearchParam]] = {t: {} for t in defs.resource_types}
-        self._plans: dict[str, list[_PlanEntry]] = {}
+        self._plans: dict[str, _Plan] = {}
         self.unsupported: list[tuple[str, str]] = []
         by_url: dict[str, Any] = {sp["url"]: sp for sp in defs.search_parameters}
         for sp in defs.search_parameters:
@@ -158,10 +158,12 @@ class SearchRegistry:
         rtype = resource.get("resourceType", "")
         plan = self._plans.get(rtype)
         if plan is None:
-            plan = self._plans[rtype] = _plan(self.by_type.get(rtype, {}))
-        for firsts, paths, adder, key, param, components in plan:
-            if firsts is not None and firsts.isdisjoint(present):
-                continue
+            plan = self._plans[rtype] = _Plan(self.by_type.get(rtype, {}))
+        wanted = set(plan.always)
+        for name in present:
+            wanted.update(plan.by_first.get(name, ()))
+        for index in sorted(wanted):  # in parameter order, as the rows have always come
+            paths, adder, key, param, components = plan.entries[index]
             nodes: list[Node] = []
             for path in paths:
                 if path.first is None or path.first in present:
@@ -181,23 +183,30 @@ class SearchRegistry:
 
 
 _Adder = Callable[["IndexRows", int, "int | None", Node, "SearchParam | None"], None]
-# Per parameter: (first element names when every path has one, paths, adder, key, param, components as
-# (adder, key, evaluate)). Precomputed once per resource type, so extraction does no lookups per parameter.
+# Per parameter: (paths, adder, key, param, components as (adder, key, evaluate)), precomputed once per
+# resource type, so extraction does no lookups per parameter.
 _PlanEntry = tuple[
-    frozenset[str] | None, tuple[CompiledPath, ...], "_Adder | None", int, SearchParam,
+    tuple[CompiledPath, ...], "_Adder | None", int, SearchParam,
     tuple[tuple["_Adder | None", int, Callable[[Node], list[Node]]], ...],
 ]
 
 
-def _plan(params: dict[str, SearchParam]) -> list[_PlanEntry]:
-    out: list[_PlanEntry] = []
-    for param in params.values():
-        firsts = [p.first for p in param.paths]
-        components = tuple((_ADDERS.get(c.type), param.component_key(i), c.evaluate)
-                           for i, c in enumerate(param.components)) if param.type == "composite" else ()
-        out.append((None if None in firsts else frozenset(f for f in firsts if f is not None), param.paths,
-                    _ADDERS.get(param.type), param.key, param, components))
-    return out
+class _Plan:
+    """The parameters of one resource type, and which of them a resource's top-level elements can reach."""
+
+    def __init__(self, params: dict[str, SearchParam]) -> None:
+        self.entries: list[_PlanEntry] = []
+        self.always: list[int] = []  # parameters with a path that starts anywhere (no first element)
+        self.by_first: dict[str, list[int]] = {}  # first element name -> parameters with a path from it
+        for index, param in enumerate(params.values()):
+            firsts = [p.first for p in param.paths]
+            components = tuple((_ADDERS.get(c.type), param.component_key(i), c.evaluate)
+                               for i, c in enumerate(param.components)) if param.type == "composite" else ()
+            self.entries.append((param.paths, _ADDERS.get(param.type), param.key, param, components))
+            if None in firsts:
+                self.always.append(index)
+            for first in {f for f in firsts if f is not None}:
+                self.by_first.setdefault(first, []).append(index)
 
 
 def _clip(text: str) -> str:
@@ -283,7 +292,7 @@ def _add_coding(rows: IndexRows, key: int, grp: int | None, coding: dict[str, An
     code = coding.get("code")
     system = coding.get("system")
     display = fold(coding["display"]) if isinstance(coding.get("display"), str) else None
-    label = " ".join(t for t in (display, text) if t) or None
+    label = f"{display} {text}" if display and text else display or text or None
     rows.token.append(
         (key, grp, system if isinstance(system, str) else None,
          _clip(code) if isinstance(code, str) else None, _clip(label) if label else None)
