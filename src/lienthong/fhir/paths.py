@@ -23,12 +23,27 @@ class UnsupportedExpression(ValueError):
     """The expression uses FHIRPath beyond the compiled subset."""
 
 
-@dataclass(frozen=True, slots=True)
 class Node:
-    """A value reached by a path, with its FHIR type when the path knows it (choice types)."""
+    """A value reached by a path, with its FHIR type when the path knows it (choice types).
 
-    value: Any
-    type: str | None = None
+    A plain slotted class rather than a frozen dataclass: indexing makes one per value reached, and
+    the frozen dataclass's `__init__` (two `object.__setattr__` calls) cost twice as much.
+    """
+
+    __slots__ = ("type", "value")
+
+    def __init__(self, value: Any, type: str | None = None) -> None:
+        self.value = value
+        self.type = type
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Node) and self.value == other.value and self.type == other.type
+
+    def __hash__(self) -> int:
+        return hash((self.value, self.type))
+
+    def __repr__(self) -> str:
+        return f"Node({self.value!r}, {self.type!r})"
 
 
 Step = Callable[[list[Node]], list[Node]]
@@ -115,6 +130,61 @@ def _type_filter(type_name: str) -> Step:
     return step
 
 
+def _append_nodes(out: list[Node], child: Any, type_name: str | None) -> None:
+    """A child element as nodes: an array gives one node per item (FHIRPath flattens)."""
+    if type(child) is list:
+        out.extend([Node(item, type_name) for item in child])
+    else:
+        out.append(Node(child, type_name))
+
+
+def _choice_as(name: str, type_name: str) -> Step:
+    """`name.as(T)` / `(... name as T)` for a choice element: look up `nameT` directly.
+
+    Same nodes as the name step followed by the type filter (which scans every key of the element
+    for choice suffixes); the general pair still runs when the element holds a bare `name` key."""
+    wanted = _PRIMITIVE_ALIASES.get(type_name, type_name)
+    key = name + wanted
+    direct = CHOICE_KEYS.get(key) == (name, wanted)
+    general = (_name_step(name), _type_filter(type_name))
+
+    def step(nodes: list[Node]) -> list[Node]:
+        out: list[Node] = []
+        for n in nodes:
+            value = n.value
+            if type(value) is not dict:
+                continue
+            if name in value or not direct:
+                out.extend(general[1](general[0]([n])))
+                continue
+            child = value.get(key)
+            if child is not None:
+                _append_nodes(out, child, wanted)
+        return out
+
+    return step
+
+
+def _compile_tokens(tokens: list[str], fast: bool = True) -> list[Step]:
+    """Steps of a dotted path; a choice element followed by `as(T)`/`ofType(T)` becomes one step
+    (unless `fast` is off: the reference evaluator the tests compare with)."""
+    steps: list[Step] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        cast = _CAST.match(tokens[i + 1]) if fast and i + 1 < len(tokens) else None
+        if cast and token in CHOICE_NAMES:
+            steps.append(_choice_as(token, cast.group(1)))
+            i += 2
+            continue
+        steps.extend(_compile_step(token))
+        i += 1
+    return steps
+
+
+_CAST = re.compile(r"^(?:as|ofType)\((\w+)\)$")
+
+
 def _shape_is(value: Any, type_name: str) -> bool:
     """Best-effort type test for values not reached through a choice suffix."""
     if type_name in {"String", "Code", "Uri", "Canonical", "DateTime", "Date"}:
@@ -136,10 +206,7 @@ def _name_step(name: str) -> Step:
                 continue
             child = value.get(name)
             if child is not None:
-                if type(child) is list:
-                    out.extend([Node(item) for item in child])
-                else:
-                    out.append(Node(child))
+                _append_nodes(out, child, None)
             elif choice:
                 out.extend(_children(n, name))
         return out
@@ -257,7 +324,7 @@ def _split_top(expr: str, sep: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
-def _compile_path(expr: str) -> tuple[str | None, list[Step]]:
+def _compile_path(expr: str, fast: bool = True) -> tuple[str | None, list[Step]]:
     """Compile `Type.a.b(...)` or `(Type.a as T).b`; return the root type and the steps."""
     expr = expr.strip()
     steps: list[Step] = []
@@ -274,32 +341,90 @@ def _compile_path(expr: str) -> tuple[str | None, list[Step]]:
         m = re.match(r"^(.*)\s+(?:as|is)\s+(\w+)$", inner.strip())
         if not m:
             raise UnsupportedExpression(expr)
-        root, inner_steps = _compile_path(m.group(1))
-        steps = [*inner_steps, _type_filter(m.group(2))]
+        if m.group(1).lstrip().startswith("("):
+            root, inner_steps = _compile_path(m.group(1), fast)
+            steps = [*inner_steps, _type_filter(m.group(2))]
+        else:  # `(Type.a as T)` is `Type.a.as(T)`
+            root, steps = _compile_path(f"{m.group(1)}.as({m.group(2)})", fast)
         if rest:
             if not rest.startswith("."):
                 raise UnsupportedExpression(expr)
-            for token in _split_top(rest[1:], "."):
-                steps.extend(_compile_step(token))
+            steps.extend(_compile_tokens(_split_top(rest[1:], "."), fast))
         return root, steps
     tokens = _split_top(expr, ".")
     root = tokens[0] if tokens and re.match(r"^[A-Z]\w*$", tokens[0]) else None
     if root is None:
         raise UnsupportedExpression(expr)
-    for token in tokens[1:]:
-        steps.extend(_compile_step(token))
-    return root, steps
+    return root, _compile_tokens(tokens[1:], fast)
+
+
+def _plain_values(values: list[Any], names: tuple[str, ...]) -> list[Any] | None:
+    """Follow a chain of element names over raw JSON values (lists flattened, as FHIRPath does).
+
+    None when an element missing from an object is a choice name somewhere in R4 (`subject`,
+    `value`): the name step would then look for typed keys (`subjectReference`), so the caller
+    falls back to the general steps, which give those values their types."""
+    for name in names:
+        out: list[Any] = []
+        for value in values:
+            if type(value) is dict:
+                child = value.get(name)
+                if child is not None:
+                    if type(child) is list:
+                        out.extend(child)
+                    else:
+                        out.append(child)
+                elif name in CHOICE_NAMES:
+                    return None
+        if not out:
+            return out
+        values = out
+    return values
+
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z_]\w*$")
+_PLAIN_RESOLVE_IS = re.compile(r"^where\(resolve\(\)\s+is\s+(\w+)\)$")
+
+
+def _plain_chain(tokens: list[str]) -> tuple[tuple[str, ...], str | None] | None:
+    """(names, resolve type) when `tokens` are element names, optionally ending in `where(resolve()
+    is T)`: such paths reach untyped values, so they can run on raw JSON. None for anything else
+    (`as`, indexers, other functions), which the step closures evaluate."""
+    resolve_is = None
+    if tokens and (m := _PLAIN_RESOLVE_IS.match(tokens[-1])):
+        resolve_is, tokens = m.group(1), tokens[:-1]
+    if not tokens or not all(_PLAIN_NAME.match(t) for t in tokens):
+        return None
+    return tuple(tokens), resolve_is
 
 
 @dataclass(frozen=True)
 class CompiledPath:
-    """One branch of a union: applies to resources of `root` type (or any, for Resource/DomainResource)."""
+    """One branch of a union: applies to resources of `root` type (or any, for Resource/DomainResource).
+
+    Most R4 search expressions are plain element chains (`Observation.subject.where(resolve() is
+    Patient)`); those carry `plain` and are walked over the raw JSON, making a `Node` only for the
+    values reached. The step closures remain the general evaluator (`evaluate_steps`) and give the
+    same nodes for plain chains too (tested on the Synthea samples).
+    """
 
     root: str
     steps: tuple[Step, ...]
     first: str | None = None  # first element name, to skip resources that lack it
+    plain: tuple[tuple[str, ...], str | None] | None = None  # (names, resolve type), see _plain_chain
 
     def evaluate(self, resource: dict[str, Any]) -> list[Node]:
+        if self.plain is None:
+            return self.evaluate_steps(resource)
+        names, resolve_is = self.plain
+        values = _plain_values([resource], names)
+        if values is None:
+            return self.evaluate_steps(resource)
+        if resolve_is is not None:
+            return [Node(v) for v in values if _reference_type(v) == resolve_is]
+        return [Node(v) for v in values]
+
+    def evaluate_steps(self, resource: dict[str, Any]) -> list[Node]:
         nodes = [Node(resource)]
         for step in self.steps:
             nodes = step(nodes)
@@ -311,8 +436,11 @@ class CompiledPath:
 _DECEASED = re.compile(r"^(\w+)\.(\w+)\.exists\(\) and \1\.\2 != false$")
 
 
-def compile_expression(expr: str) -> list[CompiledPath]:
-    """Compile a (possibly union) search expression into branches keyed by root type."""
+def compile_expression(expr: str, fast: bool = True) -> list[CompiledPath]:
+    """Compile a (possibly union) search expression into branches keyed by root type.
+
+    `fast=False` gives the general step-by-step evaluator only (no plain chains, no fused choice
+    casts): the reference the fast paths are tested against."""
     branches = []
     for part in _split_top(expr, "|"):
         special = _DECEASED.match(part)
@@ -321,10 +449,11 @@ def compile_expression(expr: str) -> list[CompiledPath]:
             continue
         if " and " in part or " or " in part or "!=" in part:
             raise UnsupportedExpression(part)
-        root, steps = _compile_path(part)
+        root, steps = _compile_path(part, fast)
         assert root is not None
         first = re.match(r"^\(?\w+\.(\w+)", part)
-        branches.append(CompiledPath(root, tuple(steps), first.group(1) if first else None))
+        plain = None if part.startswith("(") or not fast else _plain_chain(_split_top(part, ".")[1:])
+        branches.append(CompiledPath(root, tuple(steps), first.group(1) if first else None, plain))
     return branches
 
 
@@ -338,18 +467,23 @@ def _truthy_step(name: str) -> Step:
     return step
 
 
-def compile_relative(expr: str) -> Callable[[Node], list[Node]]:
+def compile_relative(expr: str, fast: bool = True) -> Callable[[Node], list[Node]]:
     """Compile a composite component expression, evaluated relative to a node (e.g. `value.as(Quantity)`)."""
     branches = []
     for part in _split_top(expr, "|"):
-        steps: list[Step] = []
-        for token in _split_top(part, "."):
-            steps.extend(_compile_step(token))
-        branches.append(steps)
+        tokens = _split_top(part, ".")
+        steps = _compile_tokens(tokens, fast)
+        plain = _plain_chain(tokens) if fast else None
+        branches.append((steps, plain[0] if plain is not None and plain[1] is None else None))
 
     def evaluate(node: Node) -> list[Node]:
         out: list[Node] = []
-        for steps in branches:
+        for steps, names in branches:
+            if names is not None:  # a plain chain (e.g. `code`): raw values, as in CompiledPath.evaluate
+                values = _plain_values([node.value], names)
+                if values is not None:
+                    out.extend(Node(v) for v in values)
+                    continue
             nodes = [node]
             for step in steps:
                 nodes = step(nodes)

@@ -97,16 +97,18 @@ class IndexRows:
 class SearchRegistry:
     """All compiled search parameters, by resource type and code."""
 
-    def __init__(self, defs: definitions.R4Definitions) -> None:
+    def __init__(self, defs: definitions.R4Definitions, fast: bool = True) -> None:
+        """`fast=False` compiles the general FHIRPath step evaluator only: the tests' reference."""
         self.by_type: dict[str, dict[str, SearchParam]] = {t: {} for t in defs.resource_types}
+        self._plans: dict[str, _Plan] = {}
         self.unsupported: list[tuple[str, str]] = []
         by_url: dict[str, Any] = {sp["url"]: sp for sp in defs.search_parameters}
         for sp in defs.search_parameters:
             if sp.get("type") == "special" or not sp.get("expression"):
                 continue
             try:
-                branches = compile_expression(sp["expression"])
-                components = self._components(sp, by_url)
+                branches = compile_expression(sp["expression"], fast)
+                components = self._components(sp, by_url, fast)
             except UnsupportedExpression as exc:
                 self.unsupported.append((sp["url"], str(exc)))
                 continue
@@ -131,7 +133,7 @@ class SearchRegistry:
                     )
 
     @staticmethod
-    def _components(sp: dict[str, Any], by_url: dict[str, Any]) -> tuple[Component, ...]:
+    def _components(sp: dict[str, Any], by_url: dict[str, Any], fast: bool) -> tuple[Component, ...]:
         if sp.get("type") != "composite":
             return ()
         out = []
@@ -139,7 +141,7 @@ class SearchRegistry:
             target = by_url.get(comp["definition"])
             if target is None:
                 raise UnsupportedExpression(f"component {comp['definition']}")
-            out.append(Component(target["code"], target["type"], compile_relative(comp["expression"])))
+            out.append(Component(target["code"], target["type"], compile_relative(comp["expression"], fast)))
         return tuple(out)
 
     def params(self, resource_type: str) -> dict[str, SearchParam]:
@@ -153,30 +155,58 @@ class SearchRegistry:
         rows = IndexRows()
         present = set(resource)
         present.update(CHOICE_KEYS[k][0] for k in resource if k in CHOICE_KEYS)
-        for param in self.by_type.get(resource.get("resourceType", ""), {}).values():
+        rtype = resource.get("resourceType", "")
+        plan = self._plans.get(rtype)
+        if plan is None:
+            plan = self._plans[rtype] = _Plan(self.by_type.get(rtype, {}))
+        wanted = set(plan.always)
+        for name in present:
+            wanted.update(plan.by_first.get(name, ()))
+        for index in sorted(wanted):  # in parameter order, as the rows have always come
+            paths, adder, key, param, components = plan.entries[index]
             nodes: list[Node] = []
-            for path in param.paths:
+            for path in paths:
                 if path.first is None or path.first in present:
                     nodes.extend(path.evaluate(resource))
             if not nodes:
                 continue
-            if param.type == "composite":
+            if components:
                 for grp, node in enumerate(nodes):
-                    for i, comp in enumerate(param.components):
-                        _add_rows(rows, comp.type, param.component_key(i), grp, comp.evaluate(node), None)
-            else:
-                _add_rows(rows, param.type, param.key, None, nodes, param)
+                    for comp_adder, comp_key, evaluate in components:
+                        if comp_adder is not None:
+                            for value in evaluate(node):
+                                comp_adder(rows, comp_key, grp, value, None)
+            elif adder is not None:
+                for node in nodes:
+                    adder(rows, key, None, node, param)
         return rows
 
 
-def _add_rows(
-    rows: IndexRows, ptype: str, key: int, grp: int | None, nodes: list[Node], param: SearchParam | None
-) -> None:
-    adder = _ADDERS.get(ptype)
-    if adder is None:
-        return
-    for node in nodes:
-        adder(rows, key, grp, node, param)
+_Adder = Callable[["IndexRows", int, "int | None", Node, "SearchParam | None"], None]
+# Per parameter: (paths, adder, key, param, components as (adder, key, evaluate)), precomputed once per
+# resource type, so extraction does no lookups per parameter.
+_PlanEntry = tuple[
+    tuple[CompiledPath, ...], "_Adder | None", int, SearchParam,
+    tuple[tuple["_Adder | None", int, Callable[[Node], list[Node]]], ...],
+]
+
+
+class _Plan:
+    """The parameters of one resource type, and which of them a resource's top-level elements can reach."""
+
+    def __init__(self, params: dict[str, SearchParam]) -> None:
+        self.entries: list[_PlanEntry] = []
+        self.always: list[int] = []  # parameters with a path that starts anywhere (no first element)
+        self.by_first: dict[str, list[int]] = {}  # first element name -> parameters with a path from it
+        for index, param in enumerate(params.values()):
+            firsts = [p.first for p in param.paths]
+            components = tuple((_ADDERS.get(c.type), param.component_key(i), c.evaluate)
+                               for i, c in enumerate(param.components)) if param.type == "composite" else ()
+            self.entries.append((param.paths, _ADDERS.get(param.type), param.key, param, components))
+            if None in firsts:
+                self.always.append(index)
+            for first in {f for f in firsts if f is not None}:
+                self.by_first.setdefault(first, []).append(index)
 
 
 def _clip(text: str) -> str:
@@ -262,7 +292,7 @@ def _add_coding(rows: IndexRows, key: int, grp: int | None, coding: dict[str, An
     code = coding.get("code")
     system = coding.get("system")
     display = fold(coding["display"]) if isinstance(coding.get("display"), str) else None
-    label = " ".join(t for t in (display, text) if t) or None
+    label = f"{display} {text}" if display and text else display or text or None
     rows.token.append(
         (key, grp, system if isinstance(system, str) else None,
          _clip(code) if isinstance(code, str) else None, _clip(label) if label else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -18,7 +19,8 @@ def parse_json(raw: bytes) -> Any:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise error(400, "invalid", "JSON không hợp lệ", f"Malformed JSON: {exc}") from None
-    _check_depth(data)
+    if _too_deep(raw):
+        raise error(400, "too-costly", "JSON lồng quá sâu", f"JSON nested deeper than {MAX_DEPTH} levels")
     if b"\\u0000" in raw:  # rare: confirm with a walk (an escaped backslash before "u0000" is no NUL)
         _check_nul(data)
     return data
@@ -32,16 +34,31 @@ def parse_resource(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def _check_depth(data: Any) -> None:
-    stack = [(data, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise error(400, "too-costly", "JSON lồng quá sâu", f"JSON nested deeper than {MAX_DEPTH} levels")
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+_STRING = re.compile(rb'"[^"]*"')
+_OPEN_CLOSE = bytes.maketrans(b"[{]}", b"(())")
+_NOT_SHAPE = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+
+
+def _too_deep(raw: bytes) -> bool:
+    """Whether valid JSON `raw` nests arrays/objects more than MAX_DEPTH levels below the top one.
+
+    Why on the bytes: walking the parsed tree in Python cost a tenth of bundle ingest. Escapes are
+    dropped, then everything but quotes and brackets (kept as parentheses). Dropping a pair of adjacent
+    quotes either drops an empty string or joins two strings, so what is left between quotes is
+    still string content, which goes next. Each `replace("()", "")` then removes exactly the
+    innermost level: the text is empty after as many rounds as there are levels."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH + 1:
+        return False
+    if b'\\"' in raw:  # an escaped quote (or an escaped backslash before a closing quote)
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    shape = raw.translate(_OPEN_CLOSE, _NOT_SHAPE).replace(b'""', b"")
+    if b'"' in shape:  # strings holding brackets
+        shape = _STRING.sub(b"", shape)
+    for _ in range(MAX_DEPTH + 1):
+        if not shape:
+            return False
+        shape = shape.replace(b"()", b"")
+    return bool(shape)
 
 
 def _check_nul(data: Any) -> None:

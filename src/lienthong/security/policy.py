@@ -249,6 +249,12 @@ class AccessGuard:
         pks = [s.res_pk for s in written if s.rtype in self.compartment and s.res_pk and not s.deleted]
         if pks:
             keys = [k for ks in self.compartment.values() for k in ks]
+            indexed = store.written_index(pks)
+            if indexed is not None:  # all written by this transaction: its index rows are at hand
+                wanted = set(keys)
+                out.update(target_id for rows in indexed for pkey, _, target_type, target_id, _ in rows.reference
+                           if pkey in wanted and target_type == "Patient" and target_id)
+                return out
             ref = schema.sp_reference
             for start in range(0, len(pks), 500):
                 rows = store.execute(select(ref.c.target_id).where(

@@ -112,6 +112,8 @@ class Store:
         self._pending: list[tuple[JSON, str, IndexRows, bytes]] = []  # new resource, method, index, body
         self._pending_ids: set[tuple[str, str]] = set()
         self._pending_stored: list[Stored] = []
+        # Index rows written by this transaction, by res_pk (the latest version's; empty once deleted).
+        self._written_index: dict[int, IndexRows] = {}
 
     # ---- reads -------------------------------------------------------------
     def current(self, rtype: str, rid: str, lock: bool = False) -> Stored | None:
@@ -221,7 +223,9 @@ class Store:
         self._bulk("resource_version", ("res_pk", "version", "rtype", "last_updated", "method", "deleted", "body"),
                    [(pk, 1, res["resourceType"], self.now, method, False, body)
                     for pk, (res, method, _, body) in zip(pks, pending, strict=True)])
-        self._insert_index([(pk, rows) for pk, (_, _, rows, _) in zip(pks, pending, strict=True)])
+        items = [(pk, rows) for pk, (_, _, rows, _) in zip(pks, pending, strict=True)]
+        self._insert_index(items)
+        self._written_index.update(items)
 
     def _allocate_pks(self, n: int) -> list[int]:
         """Reserve primary keys up front so every table can be bulk-written without RETURNING."""
@@ -268,6 +272,13 @@ class Store:
             columns = tuple(c.name for c in table.columns)
             self._bulk(table.name, columns, [(pk, *row) for pk, rows in items for row in getattr(rows, kind)])
 
+    def written_index(self, pks: Sequence[int]) -> list[IndexRows] | None:
+        """The index rows of resources this transaction wrote (what the index tables now hold for them),
+        or None if any of `pks` was not written here: the caller then reads the tables."""
+        self.flush()
+        found = [self._written_index.get(pk) for pk in pks]
+        return None if None in found else [rows for rows in found if rows is not None]
+
     def _delete_index(self, res_pk: int) -> None:
         for table in schema.INDEX_TABLES.values():
             self.conn.execute(delete(table).where(table.c.res_pk == res_pk))
@@ -292,8 +303,9 @@ class Store:
             )
         )
         self._delete_index(current.res_pk)
-        if resource is not None:
-            self._insert_index([(current.res_pk, self.db.registry.extract(resource))])
+        rows = IndexRows() if resource is None else self.db.registry.extract(resource)
+        self._insert_index([(current.res_pk, rows)])
+        self._written_index[current.res_pk] = rows
         for hook in self.db.write_hooks:
             hook(self, current.rtype, current.rid, resource)
         return Stored(current.res_pk, current.rtype, current.rid, new_version, self.now, deleted, body, method)
