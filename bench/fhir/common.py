@@ -266,7 +266,7 @@ def serve_supports(flag: str) -> bool:
 
 
 def start_lienthong(url: str, log_dir: Path, cleanup: Cleanup, name: str = "lienthong",
-                    auth: str = "auto") -> ServerProcess:
+                    auth: str = "auto", workers: int = 1) -> ServerProcess:
     """`lienthong serve` on a free port. auth: auto (get a token if the server asks for one), insecure
     (pass --insecure-dev), token (always provision a client and use a bearer token)."""
     port = free_port()
@@ -275,6 +275,8 @@ def start_lienthong(url: str, log_dir: Path, cleanup: Cleanup, name: str = "lien
         argv = [sys.executable, "-m", "lienthong.cli.main", *argv[1:]]
     if auth == "insecure":
         argv.append("--insecure-dev")
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     code = src_hash()
     srv = ServerProcess(name, argv, port, log_dir, "/fhir/metadata", cleanup)
     srv.src_hash = code
@@ -310,20 +312,26 @@ def provision_token(url: str, base: str) -> str:
     return str(r.json()["access_token"])
 
 
-def start_memapp(data_file: Path, log_dir: Path, cleanup: Cleanup) -> ServerProcess:
+def start_memapp(data_file: Path, log_dir: Path, cleanup: Cleanup, workers: int = 1) -> ServerProcess:
     port = free_port()
     argv = [sys.executable, str(HERE / "memapp.py"), "--data", str(data_file), "--host", "127.0.0.1",
-            "--port", str(port)]
+            "--port", str(port), "--workers", str(workers)]
     return ServerProcess("memapp", argv, port, log_dir, "/health", cleanup)
 
 
 def cpu_times(pid: int) -> float:
-    """User+system CPU seconds of a process (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
+    """User+system CPU seconds of a server: every process of its process group (the harness starts each
+    server in its own session, so uvicorn's worker processes count too; Linux /proc)."""
+    total, found = 0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # a process that exited meanwhile
+        if int(fields[2]) == pid:  # field 5 of stat: the process group
+            total += int(fields[11]) + int(fields[12])
+            found = True
+    return total / os.sysconf("SC_CLK_TCK") if found else float("nan")
 
 
 def git_commit() -> str:

@@ -5,7 +5,7 @@
 Per database (PostgreSQL: a throw-away cluster in a temp dir; SQLite: files in a temp dir), with the
 server as a real `lienthong serve` subprocess (uvicorn) on 127.0.0.1 and a free port:
 
- (a)   ingest of the Synthea R4 transaction Bundles through POST /fhir, 1 and 2 client streams;
+ (a)   ingest of the Synthea R4 transaction Bundles through POST /fhir, 1 and 2 client streams (`--streams`);
  (d-a) the same rows inserted raw (COPY / executemany) into an identical empty schema;
  (b)   read by id, 16 concurrent connections (wrk), random ids with a fixed seed, bounded duration;
  (d-b) Starlette+uvicorn serving the same bytes from memory (bench/fhir/memapp.py), same load;
@@ -97,6 +97,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--slow-ms", type=int, default=250,
                     help="PostgreSQL: log search statements slower than this, with auto_explain plans (0: off)")
     ap.add_argument("--skip-search", action="store_true")
+    ap.add_argument("--streams", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
+                    help="concurrent ingest streams, and forked raw-insert writers, to measure (default 1,2)")
+    ap.add_argument("--server-workers", type=int, default=1,
+                    help="worker processes of `lienthong serve` and of the in-memory reference (ingest, read)")
     ap.add_argument("--profile", action="store_true", help="extra py-spy-sampled passes after the measured ones")
     ap.add_argument("--out", type=Path, default=RESULTS / "fhir.json")
     a = ap.parse_args()
@@ -161,11 +165,12 @@ def phase_ingest(backend: Backend, kind: str, samples: list[Any], args: argparse
     trials: dict[str, list[dict[str, Any]]] = {mode: [] for mode in auth_modes(args)}
     keep: dict[str, ServerProcess] = {}
     # Interleaved (rep, streams, mode): with --auth both, machine noise hits both modes alike.
-    configs = [(rep, s, mode) for rep in range(args.reps) for s in (1, 2) for mode in trials]
+    configs = [(rep, s, mode) for rep in range(args.reps) for s in args.streams for mode in trials]
     for n, (rep, streams, mode) in enumerate(configs):
         dbname = f"ingest_s{streams}_r{rep}" + ("_off" if mode == "insecure" and len(trials) > 1 else "")
         url = backend.new_url(dbname)
-        srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-{dbname}", auth=mode)
+        srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-{dbname}", auth=mode,
+                              workers=args.server_workers)
         res.setdefault("auth_modes", {})[mode] = srv.auth
         res["auth"] = srv.auth
         res.setdefault("src_versions", []).append([srv.name, srv.src_hash])
@@ -217,7 +222,7 @@ def phase_raw(backend: Backend, kind: str, samples: list[Any], args: argparse.Na
     log(f"  prepared rows (not timed): {prep_s:.1f}s")
     trials = []
     for rep in range(args.reps):
-        for streams in (1, 2):
+        for streams in args.streams:
             dbname = f"raw_s{streams}_r{rep}"
             url = backend.new_url(dbname)
             db = open_database(url)  # identical schema: the same migrations
@@ -266,7 +271,7 @@ def phase_read(servers: dict[str, ServerProcess], args: argparse.Namespace, work
     memfile = work / "memdata.json"
     n = export_memdata(res["read_db_urls"][auth_modes(args)[-1]], memfile)
     log(f"  {len(paths)} read paths, {n} resources exported for the in-memory app")
-    mem = start_memapp(memfile, work, cleanup)
+    mem = start_memapp(memfile, work, cleanup, workers=args.server_workers)
     targets = [*((result_key("read", mode, args), srv) for mode, srv in servers.items()), ("memapp", mem)]
     paths_of = {result_key("read", mode, args): res["read_paths_by_mode"][mode] for mode in servers}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in targets}
@@ -512,7 +517,9 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], phases: Phases) 
     L.append(f"- cores (os.cpu_count()): {meta['cpu_count']}; machine: {meta['machine']}")
     L.append(f"- git commit: {meta['git_commit']}; src/ content hash at start: {meta['src_hash_at_start']}")
     L.append(f"- date: {meta['date']}")
-    L.append(f"- server: `lienthong serve` subprocess (uvicorn, 1 worker) on 127.0.0.1; read load: "
+    workers = meta["args"].get("server_workers", 1)
+    L.append(f"- server: `lienthong serve` subprocess (uvicorn, {workers} worker process(es); the in-memory "
+             f"reference runs as many) on 127.0.0.1; read load: "
              f"{meta['read_client']}; ingest/search client: aiohttp/httpx (Python)")
     L.append("- 'background load' = machine-wide CPU busy (of all cores) in the 1 s before a run while the "
              "harness was idle, i.e. other work on this shared box; 'machine busy during' includes ours")
