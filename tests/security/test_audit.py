@@ -652,3 +652,25 @@ def test_a_record_keeps_its_exact_bytes_through_the_batch_writer(world: World) -
     events = [e for e in audit.events(actor="probe-bytes") if e.get("outcomeDesc") == detail]
     assert len(events) == 1
     assert audit.verify()[0]
+
+
+def test_a_batch_chains_identically_on_the_database_and_in_python(world: World) -> None:
+    """One batch with several patients per record, no actor and no facility: each record's id is its
+    sequence number and `verify` (which recomputes the chain in Python) accepts what the writer stored,
+    on PostgreSQL the server-side append function of migration 0008."""
+    from lienthong.security.audit import AuditRecord
+
+    audit = world.audit
+    records = [AuditRecord(action="search", outcome=0, actor=None if k == 0 else f"batch-{k}", actor_kind="user",
+                           roles=(), facility=None if k < 2 else "24001", address="10.0.0.1", node="test",
+                           patients=["pz", "pa", "pm", "pa"][: k + 1], detail=f"lô {k}") for k in range(4)]
+    for rec in records:
+        audit.submit(rec, waited=False)
+    audit.flush()
+    stored = audit.events(limit=4)
+    assert [e["outcomeDesc"] for e in reversed(stored)] == [f"lô {k}" for k in range(4)]
+    ids = [int(e["id"]) for e in reversed(stored)]
+    assert ids == list(range(ids[0], ids[0] + 4))
+    assert [e["entity"][0]["what"]["reference"] for e in stored] == ["Patient/pa"] * 3 + ["Patient/pz"]
+    assert len(audit.events(patient="pm")) >= 2
+    assert audit.verify()[0]

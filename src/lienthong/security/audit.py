@@ -187,31 +187,36 @@ def _balp_query(event: dict[str, Any], actor: dict[str, Any], entities: list[dic
 
 _LOG_COLUMNS = ("seq", "recorded", "actor", "facility", "action", "outcome", "body", "prev_hash", "hash")
 
+# SQLite: the chain is computed here and the batch goes in with executemany, in the driver's own paramstyle
+# (the writer runs these for every batch, so they bypass SQL compilation).
+_SQLITE_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"
+_SQLITE_ADD_LOG = f"INSERT INTO audit_log ({', '.join(_LOG_COLUMNS)}) VALUES ({', '.join('?' * len(_LOG_COLUMNS))})"
+_SQLITE_ADD_PATIENT = "INSERT INTO audit_patient (seq, patient_id) VALUES (?, ?)"
+_SQLITE_MOVE_HEAD = "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1"
+# PostgreSQL: the whole batch is one call of the server-side function of migration 0008, which takes the head
+# lock, chains and inserts the records and moves the head (one statement, one round trip with the commit).
+_POSTGRES_APPEND = "SELECT lienthong_audit_append(%s::json)"
 
-def _statements(mark: str, lock: str) -> tuple[str, str, str, str]:
-    """The writer's four statements in the driver's own paramstyle: the audit writer runs them for every
-    batch, so they bypass SQL compilation (about a third of a small batch's cost)."""
-    return (f"SELECT seq, hash FROM audit_head WHERE id = 1{lock}",
-            f"INSERT INTO audit_log ({', '.join(_LOG_COLUMNS)}) VALUES ({', '.join([mark] * len(_LOG_COLUMNS))})",
-            f"INSERT INTO audit_patient (seq, patient_id) VALUES ({mark}, {mark})",
-            f"UPDATE audit_head SET seq = {mark}, hash = {mark} WHERE id = 1")
+
+def _serialised(records: Sequence[AuditRecord]) -> list[tuple[AuditRecord, bytes, list[str]]]:
+    """Each record with its AuditEvent JSON (without id: see `_stamped`) and its sorted patient ids."""
+    out = []
+    for rec in records:
+        rec.recorded = rec.recorded or now_us()
+        out.append((rec, orjson.dumps(rec.to_fhir()), sorted(set(rec.patients))))
+    return out
 
 
-_SQLITE_SQL = _statements("?", "")
-# PostgreSQL: a batch's rows go in as one JSON document per table, expanded by json_to_recordset and
-# serialised by orjson. psycopg's executemany spends ~50 µs of Python per row, a multi-row VALUES list
-# changes its text with the batch size (no statement cache), and array parameters are dumped in Python.
-_PG_HEAD, _, _, _PG_MOVE_HEAD = _statements("%s", " FOR UPDATE")
-_POSTGRES_SQL = (
-    _PG_HEAD,
-    f"INSERT INTO audit_log ({', '.join(_LOG_COLUMNS)}) "
-    "SELECT seq, recorded, actor, facility, action, outcome, convert_to(body, 'UTF8'), prev_hash, hash "
-    "FROM json_to_recordset(%s::json) AS r(seq bigint, recorded bigint, actor text, facility text, action text, "
-    "outcome text, body text, prev_hash text, hash text)",
-    "INSERT INTO audit_patient (seq, patient_id) "
-    "SELECT seq, patient_id FROM json_to_recordset(%s::json) AS r(seq bigint, patient_id text)",
-    _PG_MOVE_HEAD,
-)
+def _postgres_batch(records: Sequence[AuditRecord]) -> str:
+    """A batch as the JSON document the append function of migration 0008 reads."""
+    return orjson.dumps([{"recorded": rec.recorded, "actor": rec.actor, "facility": rec.facility,
+                          "action": rec.action, "outcome": str(rec.outcome), "body": body.decode(),
+                          "patients": patient_ids} for rec, body, patient_ids in _serialised(records)]).decode()
+
+
+def _stamped(body: bytes, seq: int) -> bytes:
+    """The AuditEvent's JSON with its id (the sequence number) as last member; migration 0008 does the same."""
+    return body[:-1] + b',"id":"%d"}' % seq
 
 
 def _chain(prev: str, seq: int, body: bytes, columns: tuple[Any, ...] = ()) -> str:
@@ -298,35 +303,26 @@ class AuditTrail:
 
     def append(self, cur: Any, records: Sequence[AuditRecord]) -> None:
         """Chain and insert records through a driver cursor of an open transaction (both write paths)."""
-        head, add_log, add_patient, move_head = _SQLITE_SQL if self.sqlite else _POSTGRES_SQL
-        cur.execute(head)
+        if not self.sqlite:
+            cur.execute(_POSTGRES_APPEND, (_postgres_batch(records),), prepare=True)
+            return
+        events = _serialised(records)
+        cur.execute(_SQLITE_HEAD)
         seq, prev = cur.fetchone()
         rows: list[tuple[Any, ...]] = []
         patients: list[tuple[int, str]] = []
-        for rec in records:
+        for rec, unstamped, patient_ids in events:
             seq += 1
-            rec.recorded = rec.recorded or now_us()
-            event = rec.to_fhir()
-            event["id"] = str(seq)
-            body = orjson.dumps(event)
-            patient_ids = sorted(set(rec.patients))
+            body = _stamped(unstamped, seq)
             outcome = str(rec.outcome)
             digest = _chain(prev, seq, body, (rec.recorded, rec.actor, rec.facility, rec.action, outcome,
                                               ",".join(patient_ids)))
             rows.append((seq, rec.recorded, rec.actor, rec.facility, rec.action, outcome, body, prev, digest))
             patients.extend((seq, p) for p in patient_ids)
             prev = digest
-        if self.sqlite:
-            cur.executemany(add_log, rows)
-            cur.executemany(add_patient, patients)
-            cur.execute(move_head, (seq, prev))
-        else:  # one statement per table whatever the batch size, each prepared once per connection
-            log_rows = [dict(zip(_LOG_COLUMNS, (*row[:6], row[6].decode(), *row[7:]), strict=True)) for row in rows]
-            cur.execute(add_log, (orjson.dumps(log_rows).decode(),), prepare=True)
-            if patients:
-                patient_rows = [{"seq": n, "patient_id": pid} for n, pid in patients]
-                cur.execute(add_patient, (orjson.dumps(patient_rows).decode(),), prepare=True)
-            cur.execute(move_head, (seq, prev), prepare=True)
+        cur.executemany(_SQLITE_ADD_LOG, rows)
+        cur.executemany(_SQLITE_ADD_PATIENT, patients)
+        cur.execute(_SQLITE_MOVE_HEAD, (seq, prev))
 
     def submit(self, record: AuditRecord, waited: bool = True) -> Future[None]:
         """Queue a record of a read-type interaction; the future resolves once it is committed (group commit).
@@ -409,10 +405,10 @@ class AuditTrail:
 
     def _commit(self, records: list[AuditRecord]) -> None:
         """One transaction for a batch, on the writer's own connection (`DedicatedWriter`): a pool checkout
-        and SQLAlchemy's transaction events cost more than a small batch's four statements."""
+        and SQLAlchemy's transaction events cost more than a small batch's own work."""
         if self._writer is None:
             self._writer = DedicatedWriter(self.engine)
-        with self._writer.transaction() as cur:
+        with self._writer.transaction(single_statement=not self.sqlite) as cur:  # PostgreSQL: one append call
             self.append(cur, records)
 
     def close(self) -> None:

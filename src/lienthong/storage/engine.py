@@ -213,35 +213,42 @@ class DedicatedWriter:
         self._checkpointer: threading.Thread | None = None
         self.checkpoints = 0  # background checkpoints run (for tests and diagnostics)
 
+    def _connection(self) -> Any:
+        if self._conn is None:
+            self._conn = self.engine.raw_connection()
+            if self._sqlite:
+                self._conn.cursor().execute("PRAGMA wal_autocheckpoint=0")  # see the class docstring
+            else:  # a lone statement is its own transaction: one round trip (see `transaction`)
+                self._conn.driver_connection.autocommit = True
+        return self._conn
+
     @contextmanager
-    def transaction(self) -> Iterator[Any]:
-        """A driver cursor inside a transaction that commits when the block ends and rolls back if it raises."""
+    def transaction(self, single_statement: bool = False) -> Iterator[Any]:
+        """A driver cursor inside a transaction that commits when the block ends and rolls back if it raises.
+
+        `single_statement`: the block runs exactly one statement. On PostgreSQL that statement then runs in
+        autocommit mode, prepared once, and is its own transaction: one round trip, where BEGIN, the
+        statement and COMMIT cost three."""
         queued = self._lock.acquire(timeout=_BUSY_SECONDS) if self._lock is not None else False
         try:
-            if self._conn is None:
-                self._conn = self.engine.raw_connection()
-                if self._sqlite:
-                    self._conn.cursor().execute("PRAGMA wal_autocheckpoint=0")  # see the class docstring
-            cur = self._conn.cursor()
+            conn = self._connection()
+            cur = conn.cursor()
             try:
                 if self._sqlite:
                     cur.execute("BEGIN IMMEDIATE")  # the driver runs in autocommit mode (see the pragmas)
                     yield cur
-                    self._conn.commit()
+                    conn.commit()
+                elif single_statement:
+                    yield cur
                 else:
-                    # Pipeline mode: statements are sent without waiting for each answer, and the driver
-                    # waits only where the caller reads a result. A batch of the audit trail (BEGIN, read
-                    # the chain head, three writes, COMMIT) costs two round trips instead of six.
-                    driver = self._conn.driver_connection
-                    with driver.pipeline():
+                    with conn.driver_connection.transaction():
                         yield cur
-                        driver.commit()
             finally:
                 cur.close()
             if self._sqlite:
                 self._checkpoint_soon()
         except BaseException:
-            self.close(invalidate=True)
+            self.close()
             raise
         finally:
             if queued and self._lock is not None:
@@ -270,15 +277,14 @@ class DedicatedWriter:
         except Exception:  # the next one, or any other connection's automatic checkpoint, catches up
             logger.warning("WAL checkpoint failed", exc_info=True)
 
-    def close(self, invalidate: bool = False) -> None:
+    def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             return
         with suppress(Exception):  # closing a broken connection must not mask the error that broke it
-            if invalidate or self._sqlite:
-                conn.invalidate()  # never back into the pool: its state is in doubt, or checkpoints are off
-            else:
-                conn.close()
+            # Never back into the pool: its session is the writer's own (no checkpoints on SQLite, autocommit
+            # on PostgreSQL), and after a failure its state is in doubt.
+            conn.invalidate()
 
 
 def read_connection(engine: Engine) -> Connection:
