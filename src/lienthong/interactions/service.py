@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import secrets
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,9 @@ from lienthong.storage.search_sql import build_select
 
 SNAPSHOT_LIMIT = 10_000  # result ids kept per paged search; deeper pages are refused with a clear message
 SNAPSHOT_TTL_US = 3_600_000_000  # one hour
+# A snapshot's (res_pk, version) keys, packed into one value: inserting 10,000 rows per first page of a
+# population-wide search cost more than the search itself; a page reads its slice with substr().
+_SNAPSHOT_KEY = struct.Struct("<qi")
 
 
 @dataclass
@@ -413,54 +417,40 @@ class FhirService:
     def _owner(ctx: Context) -> str | None:
         return f"{getattr(ctx.principal, 'kind', '')}:{ctx.actor}" if ctx.actor else None
 
-    def _snapshot(self, store: Store, ctx: Context, keys: Sequence[tuple[int, int]], self_url: str, total: int,
-                  modes: Sequence[str] | None = None) -> str:
+    def _snapshot(self, store: Store, ctx: Context, keys: Sequence[tuple[int, int]], self_url: str,
+                  total: int) -> str:
         sid = secrets.token_hex(16)
         if not store.writable:  # a read-only search: the snapshot gets its own short write transaction
             with self.db.begin() as writer:
-                return self._snapshot(writer, ctx, keys, self_url, total, modes)
+                return self._snapshot(writer, ctx, keys, self_url, total)
         conn = store.conn
         conn.execute(delete(schema.search_set).where(schema.search_set.c.created < store.now - SNAPSHOT_TTL_US))
         conn.execute(insert(schema.search_set).values(sid=sid, created=store.now, total=total, query=self_url,
-                                                      owner=self._owner(ctx)))
-        conn.execute(
-            insert(schema.search_entry),
-            [{"sid": sid, "ord": i, "res_pk": pk, "version": ver, "mode": modes[i] if modes else "match"}
-             for i, (pk, ver) in enumerate(keys)],
-        )
+                                                      owner=self._owner(ctx), entries=_pack_keys(keys)))
         return sid
 
     def _page(self, store: Store, ctx: Context, query: SearchQuery, base: str) -> Result:
-        ss, se = schema.search_set, schema.search_entry
-        found = store.execute(select(ss.c.total, ss.c.query).where(
-            ss.c.sid == query.getpages, ss.c.owner.is_(None) if ctx.actor is None else ss.c.owner == self._owner(ctx))
-        ).first()
+        ss = schema.search_set
+        start = query.offset * _SNAPSHOT_KEY.size + 1  # one-based, in bytes
+        found = store.execute(select(ss.c.total, func.substr(ss.c.entries, start, query.count * _SNAPSHOT_KEY.size))
+                              .where(ss.c.sid == query.getpages, ss.c.owner.is_(None) if ctx.actor is None
+                                     else ss.c.owner == self._owner(ctx))).first()
         if found is None:  # expired, or another caller's search: the same answer either way
             raise error(410, "not-found", "Trang kết quả đã hết hạn", "This search result has expired; search again")
-        rows = store.execute(
-            select(se.c.res_pk, se.c.version, se.c.mode)
-            .where(se.c.sid == query.getpages, se.c.ord >= query.offset, se.c.ord < query.offset + query.count)
-            .order_by(se.c.ord)
-        ).all()
-        keys = [(r[0], r[1]) for r in rows]
-        modes = [r[2] for r in rows]
+        keys = _unpack_keys(bytes(found[1] or b""))
         return self._bundle(store, ctx, query, base, keys, int(found[0]), query.getpages, query.offset,
-                            int(found[0]), [], modes=modes)
+                            int(found[0]), [])
 
     def _bundle(self, store: Store, ctx: Context, query: SearchQuery, base: str, keys: list[tuple[int, int]],
-                total: int | None, sid: str | None, offset: int, available: int, ignored: list[OutcomeIssue],
-                modes: list[str] | None = None) -> Result:
+                total: int | None, sid: str | None, offset: int, available: int, ignored: list[OutcomeIssue]) -> Result:
         matched = self.guard.visible(ctx, store, store.fetch(keys))
-        mode_of = dict(zip(keys, modes or ["match"] * len(keys), strict=True))
         included = self._includes(ctx, store, query, matched)
         self.guard.on_access(ctx, AuditFacts(
             "search", resources=[(m.rtype, m.rid) for m in matched + included],
             query=_url(base, query.self_params), bodies=[m.body for m in matched + included if m.body]))
         entries: list[JSON] = []
         shaping = query.summary in ("true", "text", "data") or query.elements
-        for item, mode in [(m, mode_of.get((m.res_pk, m.version), "match")) for m in matched] + [
-            (i, "include") for i in included
-        ]:
+        for item, mode in [(m, "match") for m in matched] + [(i, "include") for i in included]:
             if shaping and item.body:
                 resource: Any = shape(orjson.loads(item.body), query.summary, query.elements)
             else:
@@ -759,3 +749,12 @@ def _info(vi: str, en: str) -> JSON:
 
 def _url(base: str, params: list[tuple[str, str]]) -> str:
     return f"{base}?{urlencode(params)}" if params else base
+
+
+def _pack_keys(keys: Sequence[tuple[int, int]]) -> bytes:
+    pack = _SNAPSHOT_KEY.pack
+    return b"".join([pack(pk, version) for pk, version in keys])
+
+
+def _unpack_keys(data: bytes) -> list[tuple[int, int]]:
+    return list(_SNAPSHOT_KEY.iter_unpack(data))

@@ -142,18 +142,10 @@ search_set = Table(
     Column("total", Integer, nullable=False),
     Column("query", Text, nullable=False),  # the canonical self link, for rebuilding links
     Column("owner", String(128), nullable=True),  # who searched: only they may page through it
+    # The ordered (res_pk int64, version int32) keys, little-endian, 12 bytes each (interactions.service).
+    Column("entries", LargeBinary, nullable=False),
     Index("ix_search_set_created", "created"),
 )
-search_entry = Table(
-    "search_entry",
-    metadata,
-    Column("sid", String(40), ForeignKey("search_set.sid", ondelete="CASCADE"), primary_key=True),
-    Column("ord", Integer, primary_key=True),
-    Column("res_pk", PK, nullable=False),
-    Column("version", Integer, nullable=False),
-    Column("mode", String(8), nullable=False),  # match | include
-)
-
 # Bulk Data export jobs and their NDJSON files.
 export_job = Table(
     "export_job",
