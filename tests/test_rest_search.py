@@ -771,6 +771,46 @@ def test_paging_is_stable_while_others_write(client: TestClient) -> None:
     assert set(ids) == (original - {"st0", "st7"}) | {"aa-new", "zz-new"}
 
 
+def test_default_order_snapshot_is_continued_on_demand_without_repeats_or_skips(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without _sort a snapshot holds its first SNAPSHOT_CHUNK ids and is continued from its last id when a
+    page needs more. Between pages: a new match, an update of a listed and of a not yet listed match, and
+    a delete of a not yet listed one. Each match is listed once; the total appears once the end is known."""
+    monkeypatch.setattr("lienthong.interactions.service.SNAPSHOT_CHUNK", 4)
+    original = [f"ch{i:02d}" for i in range(11)]
+    for rid in original:
+        put(client, patient(rid, "Chử", gender="male"))
+    first = get_bundle(client, "/fhir/Patient?family=chu&_count=3")
+    assert "total" not in first, "the total is not known before the end"
+    seen = matches(first)
+    assert seen == original[:3]
+    put(client, patient("ch-new", "Chử", gender="male"))
+    put(client, patient("ch00", "Chử", gender="male", birthDate="1990-01-01"))
+    put(client, patient("ch09", "Chử", gender="male", birthDate="1991-01-01"))
+    assert client.delete("/fhir/Patient/ch08").status_code in (200, 204)
+    pages, next_url, last = 1, link(first, "next"), first
+    while next_url:
+        last = get_bundle(client, next_url)
+        seen += matches(last)
+        next_url, pages = link(last, "next"), pages + 1
+    assert len(seen) == len(set(seen)), f"duplicates: {seen}"
+    assert seen == [rid for rid in original if rid != "ch08"] + ["ch-new"]
+    assert pages == 4
+    assert last["total"] == len(seen)
+    walked = get_bundle(client, link(last, "previous") or "")
+    assert matches(walked) == seen[6:9], "earlier pages read back from the snapshot unchanged"
+
+
+def test_sorted_snapshot_is_taken_whole(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lienthong.interactions.service.SNAPSHOT_CHUNK", 2)
+    for i in range(7):
+        put(client, patient(f"so{i}", "Sầm", gender="female"))
+    first = get_bundle(client, "/fhir/Patient?family=sam&_count=2&_sort=-_id")
+    assert first["total"] == 7
+    ids, _ = walk(client, "/fhir/Patient?family=sam&_count=2&_sort=-_id")
+    assert ids == [f"so{i}" for i in reversed(range(7))]
+
+
 def test_total_and_summary(client: TestClient) -> None:
     for i in range(6):
         put(client, patient(f"tt{i}", "Đặng", gender="male" if i % 2 else "female",

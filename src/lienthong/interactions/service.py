@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 import jsonpatch
 import orjson
-from sqlalchemy import delete, false, func, insert, select
+from sqlalchemy import delete, false, func, insert, select, update
 
 from lienthong.fhir import definitions
 from lienthong.fhir.datetimes import DateFormatError, format_instant, parse_range
@@ -32,6 +32,9 @@ from lienthong.storage.repository import JSON, Database, Store, Stored
 from lienthong.storage.search_sql import build_select
 
 SNAPSHOT_LIMIT = 10_000  # result ids kept per paged search; deeper pages are refused with a clear message
+# A search in the default order (res_pk) snapshots this many ids at first and the next ones when a page
+# needs them (see `_extend`); an explicit _sort takes all SNAPSHOT_LIMIT at once.
+SNAPSHOT_CHUNK = 1_000
 SNAPSHOT_TTL_US = 3_600_000_000  # one hour
 # A snapshot's (res_pk, version) keys, packed into one value: inserting 10,000 rows per first page of a
 # population-wide search cost more than the search itself; a page reads its slice with substr().
@@ -402,14 +405,23 @@ class FhirService:
         if len(keys) <= query.count + query.offset:
             total = len(keys)
         else:
-            keys = [(r[0], r[1]) for r in store.execute(stmt.limit(SNAPSHOT_LIMIT + 1)).all()]
-            complete = len(keys) <= SNAPSHOT_LIMIT
-            keys = keys[:SNAPSHOT_LIMIT]
-            sid = self._snapshot(store, ctx, keys, _url(base, query.self_params), len(keys))
+            # Without _sort the order is res_pk alone, so the snapshot can be continued later from its last id
+            # (`_extend`); a sorted one cannot, because writes move resources across a sort key boundary.
+            resumable = not query.sort
+            limit = max(SNAPSHOT_CHUNK, query.offset + query.count + 1) if resumable else SNAPSHOT_LIMIT
+            limit = min(limit, SNAPSHOT_LIMIT)
+            keys = [(r[0], r[1]) for r in store.execute(stmt.limit(limit + 1)).all()]
+            complete = len(keys) <= limit
+            keys = keys[:limit]
             if complete:
                 total = len(keys)
-        if query.total == "accurate" and total is None:
-            total = store.execute(select(func.count()).select_from(stmt.subquery())).scalar_one()
+            if query.total == "accurate" and total is None:
+                total = store.execute(select(func.count()).select_from(stmt.subquery())).scalar_one()
+            resume = None
+            if resumable and not complete and limit < SNAPSHOT_LIMIT:
+                resume = orjson.dumps({"type": query.resource_type, "types": types,
+                                       "params": query.self_params}).decode()
+            sid = self._snapshot(store, ctx, keys, _url(base, query.self_params), total, resume)
         page_keys = keys[query.offset : query.offset + query.count]
         return self._bundle(store, ctx, query, base, page_keys, total, sid, query.offset, len(keys), ignored)
 
@@ -418,28 +430,63 @@ class FhirService:
         return f"{getattr(ctx.principal, 'kind', '')}:{ctx.actor}" if ctx.actor else None
 
     def _snapshot(self, store: Store, ctx: Context, keys: Sequence[tuple[int, int]], self_url: str,
-                  total: int) -> str:
+                  total: int | None, resume: str | None = None) -> str:
         sid = secrets.token_hex(16)
         if not store.writable:  # a read-only search: the snapshot gets its own short write transaction
             with self.db.begin() as writer:
-                return self._snapshot(writer, ctx, keys, self_url, total)
+                return self._snapshot(writer, ctx, keys, self_url, total, resume)
         conn = store.conn
         conn.execute(delete(schema.search_set).where(schema.search_set.c.created < store.now - SNAPSHOT_TTL_US))
         conn.execute(insert(schema.search_set).values(sid=sid, created=store.now, total=total, query=self_url,
-                                                      owner=self._owner(ctx), entries=_pack_keys(keys)))
+                                                      owner=self._owner(ctx), entries=_pack_keys(keys),
+                                                      resume=resume))
         return sid
 
     def _page(self, store: Store, ctx: Context, query: SearchQuery, base: str) -> Result:
-        ss = schema.search_set
-        start = query.offset * _SNAPSHOT_KEY.size + 1  # one-based, in bytes
-        found = store.execute(select(ss.c.total, func.substr(ss.c.entries, start, query.count * _SNAPSHOT_KEY.size))
-                              .where(ss.c.sid == query.getpages, ss.c.owner.is_(None) if ctx.actor is None
-                                     else ss.c.owner == self._owner(ctx))).first()
+        ss, sid = schema.search_set, query.getpages or ""
+        size = _SNAPSHOT_KEY.size
+        mine = ss.c.owner.is_(None) if ctx.actor is None else ss.c.owner == self._owner(ctx)
+        found = store.execute(select(ss.c.total, ss.c.resume, func.length(ss.c.entries))
+                              .where(ss.c.sid == sid, mine)).first()
         if found is None:  # expired, or another caller's search: the same answer either way
             raise error(410, "not-found", "Trang kết quả đã hết hạn", "This search result has expired; search again")
-        keys = _unpack_keys(bytes(found[1] or b""))
-        return self._bundle(store, ctx, query, base, keys, int(found[0]), query.getpages, query.offset,
-                            int(found[0]), [])
+        total, resume, stored = found[0], found[1], int(found[2] or 0) // size
+        if resume is not None and query.offset + query.count >= stored:  # this page, or the next link, needs more
+            total, stored = self._extend(ctx, sid, resume, query.offset + query.count + 1)
+        data = store.execute(select(func.substr(ss.c.entries, query.offset * size + 1, query.count * size))
+                             .where(ss.c.sid == sid)).scalar_one()
+        return self._bundle(store, ctx, query, base, _unpack_keys(bytes(data or b"")), total, sid, query.offset,
+                            stored, [])
+
+    def _extend(self, ctx: Context, sid: str, resume: str, needed: int) -> tuple[int | None, int]:
+        """Continue a snapshot in res_pk order past its last id, up to `needed` ids (and at least a chunk).
+
+        Stable like the eager snapshot: ids already listed are never listed again, every resource that still
+        matches and was not listed yet comes later (res_pk only grows), so a page never repeats or skips one.
+        Returns the total (when the end is reached) and the number of ids now stored."""
+        state = orjson.loads(resume)
+        query, _ = self.parser.parse(state["type"], [tuple(p) for p in state["params"]])
+        ss, size = schema.search_set, _SNAPSHOT_KEY.size
+        with self.db.begin() as writer:
+            row = writer.execute(select(ss.c.entries, ss.c.total, ss.c.resume).where(ss.c.sid == sid)
+                                 .with_for_update()).one()
+            entries, total = bytes(row[0]), row[1]
+            stored = len(entries) // size
+            if row[2] is None or stored >= needed:  # another page request extended it meanwhile
+                return total, stored
+            last_pk = _SNAPSHOT_KEY.unpack(entries[-size:])[0]
+            grow = min(max(SNAPSHOT_CHUNK, needed - stored), SNAPSHOT_LIMIT - stored)
+            stmt = self.select(ctx, query, state["types"]).where(schema.resource.c.res_pk > last_pk)
+            more = [(r[0], r[1]) for r in writer.execute(stmt.limit(grow + 1)).all()]
+            complete = len(more) <= grow
+            more = more[:grow]
+            stored += len(more)
+            if complete:
+                total = stored if total is None else total
+            writer.conn.execute(update(ss).where(ss.c.sid == sid).values(
+                entries=entries + _pack_keys(more), total=total,
+                resume=None if complete or stored >= SNAPSHOT_LIMIT else resume))
+        return total, stored
 
     def _bundle(self, store: Store, ctx: Context, query: SearchQuery, base: str, keys: list[tuple[int, int]],
                 total: int | None, sid: str | None, offset: int, available: int, ignored: list[OutcomeIssue]) -> Result:

@@ -139,11 +139,13 @@ search_set = Table(
     metadata,
     Column("sid", String(40), primary_key=True),
     Column("created", BigInteger, nullable=False),
-    Column("total", Integer, nullable=False),
+    Column("total", Integer, nullable=True),  # unknown until the end was reached (or _total=accurate)
     Column("query", Text, nullable=False),  # the canonical self link, for rebuilding links
     Column("owner", String(128), nullable=True),  # who searched: only they may page through it
     # The ordered (res_pk int64, version int32) keys, little-endian, 12 bytes each (interactions.service).
     Column("entries", LargeBinary, nullable=False),
+    # How to continue a snapshot in res_pk order ({"type", "types", "params"} as JSON); null when complete.
+    Column("resume", Text, nullable=True),
     Index("ix_search_set_created", "created"),
 )
 # Bulk Data export jobs and their NDJSON files.

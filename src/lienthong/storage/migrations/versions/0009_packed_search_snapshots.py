@@ -1,4 +1,5 @@
-"""Search snapshots: the ordered result keys packed into one column instead of a row per result
+"""Search snapshots: the ordered result keys packed into one column instead of a row per result, and
+continued on demand (`resume`) for searches in the default order; the total may be unknown
 
 Revision ID: 0009
 Revises: 0008
@@ -25,11 +26,15 @@ def upgrade() -> None:
     op.execute('DELETE FROM search_set')
     with op.batch_alter_table('search_set', schema=None) as batch_op:
         batch_op.add_column(sa.Column('entries', sa.LargeBinary(), nullable=False, server_default=sa.text("''")))
+        batch_op.add_column(sa.Column('resume', sa.Text(), nullable=True))
+        batch_op.alter_column('total', existing_type=sa.Integer(), nullable=True)
 
 
 def downgrade() -> None:
     op.execute('DELETE FROM search_set')
     with op.batch_alter_table('search_set', schema=None) as batch_op:
+        batch_op.alter_column('total', existing_type=sa.Integer(), nullable=False)
+        batch_op.drop_column('resume')
         batch_op.drop_column('entries')
     op.create_table('search_entry',
                     sa.Column('sid', sa.String(length=40), nullable=False),
