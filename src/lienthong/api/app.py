@@ -18,13 +18,13 @@ from urllib.parse import parse_qsl
 
 import orjson
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from lienthong.api.parameters import parameter_pairs, parameter_values, to_parameters
+from lienthong.api.workers import in_thread
 from lienthong.exchange.service import ExchangeService
 from lienthong.fhir.datetimes import format_http_date
 from lienthong.fhir.outcome import FhirError, OutcomeIssue, error, operation_outcome
@@ -108,7 +108,7 @@ class FhirApi:
             try:  # from caches on the event loop: no thread-pool hop for the common case
                 ctx.principal = self.auth.principal(ctx, header, io=False)
             except NeedsIO:
-                ctx.principal = await run_in_threadpool(self.auth.principal, ctx, header)
+                ctx.principal = await in_thread(self.auth.principal, ctx, header)
         return ctx
 
     async def body(self, request: Request) -> bytes:
@@ -184,26 +184,26 @@ class FhirApi:
     # ---- endpoints -------------------------------------------------------------
     async def metadata(self, request: Request) -> Response:
         ctx = self.base_context(request)
-        cap = await run_in_threadpool(self.capability, ctx)
+        cap = await in_thread(self.capability, ctx)
         return self.json(request, 200, orjson.dumps(cap))
 
     async def root(self, request: Request) -> Response:
         ctx = await self.context(request)
         if request.method == "POST":
             bundle = parse_json(await self.body(request))
-            result = await run_in_threadpool(self.bundles.process, ctx, bundle)
+            result = await in_thread(self.bundles.process, ctx, bundle)
             return self.respond(request, result, ctx)
         params = self.query(request)
         types = [t.strip() for name, value in params if name == "_type" for t in value.split(",") if t.strip()]
         for rtype in types:
             self.service.check_type(rtype)
         params = [(name, value) for name, value in params if name != "_type"]
-        result = await run_in_threadpool(self.service.search, ctx, None, params, types or None)
+        result = await in_thread(self.service.search, ctx, None, params, types or None)
         return self.respond(request, result, ctx)
 
     async def system_history(self, request: Request) -> Response:
         ctx = await self.context(request)
-        result = await run_in_threadpool(self.service.history, ctx, None, None, self.query(request))
+        result = await in_thread(self.service.history, ctx, None, None, self.query(request))
         return self.respond(request, result, ctx)
 
     async def type_level(self, request: Request) -> Response:
@@ -213,20 +213,20 @@ class FhirApi:
             return await self.system_operation(request, ctx, rtype)
         svc = self.service
         if request.method in ("GET", "HEAD"):
-            result = await run_in_threadpool(svc.search, ctx, rtype, self.query(request))
+            result = await in_thread(svc.search, ctx, rtype, self.query(request))
         elif request.method == "POST":
             resource = parse_resource(await self.body(request))
-            result = await run_in_threadpool(svc.create, ctx, rtype, resource, request.headers.get("if-none-exist"))
+            result = await in_thread(svc.create, ctx, rtype, resource, request.headers.get("if-none-exist"))
         elif request.method == "PUT":
             resource = parse_resource(await self.body(request))
             if not request.url.query:
                 raise error(400, "invalid", "PUT cần id hoặc điều kiện", "PUT needs an id or search criteria")
-            result = await run_in_threadpool(svc.conditional_update, ctx, rtype, request.url.query, resource,
+            result = await in_thread(svc.conditional_update, ctx, rtype, request.url.query, resource,
                                              request.headers.get("if-match"))
         elif request.method == "DELETE":
             if not request.url.query:
                 raise error(400, "invalid", "DELETE cần id hoặc điều kiện", "DELETE needs an id or search criteria")
-            result = await run_in_threadpool(svc.conditional_delete, ctx, rtype, request.url.query)
+            result = await in_thread(svc.conditional_delete, ctx, rtype, request.url.query)
         else:
             raise error(405, "not-supported", "Phương thức không hỗ trợ", f"{request.method} not allowed here")
         return self.respond(request, result, ctx)
@@ -234,12 +234,12 @@ class FhirApi:
     async def type_search_post(self, request: Request) -> Response:
         ctx = await self.context(request)
         params = await self.form_or_query(request)
-        result = await run_in_threadpool(self.service.search, ctx, request.path_params["rtype"], params)
+        result = await in_thread(self.service.search, ctx, request.path_params["rtype"], params)
         return self.respond(request, result, ctx)
 
     async def type_history(self, request: Request) -> Response:
         ctx = await self.context(request)
-        result = await run_in_threadpool(self.service.history, ctx, request.path_params["rtype"], None,
+        result = await in_thread(self.service.history, ctx, request.path_params["rtype"], None,
                                          self.query(request))
         return self.respond(request, result, ctx)
 
@@ -250,19 +250,19 @@ class FhirApi:
             return await self.type_operation(request, ctx, rtype, rid)
         svc = self.service
         if request.method in ("GET", "HEAD"):
-            result = await run_in_threadpool(svc.read, ctx, rtype, rid)
+            result = await in_thread(svc.read, ctx, rtype, rid)
         elif request.method == "PUT":
             resource = parse_resource(await self.body(request))
-            result = await run_in_threadpool(svc.update, ctx, rtype, rid, resource, request.headers.get("if-match"))
+            result = await in_thread(svc.update, ctx, rtype, rid, resource, request.headers.get("if-match"))
         elif request.method == "PATCH":
             ctype = request.headers.get("content-type", "").split(";")[0].strip()
             if ctype not in ("application/json-patch+json", "application/json"):
                 raise error(415, "not-supported", "Chỉ hỗ trợ JSON Patch",
                             "PATCH needs Content-Type application/json-patch+json")
             ops = parse_json(await self.body(request))
-            result = await run_in_threadpool(svc.patch, ctx, rtype, rid, ops, request.headers.get("if-match"))
+            result = await in_thread(svc.patch, ctx, rtype, rid, ops, request.headers.get("if-match"))
         elif request.method == "DELETE":
-            result = await run_in_threadpool(svc.delete, ctx, rtype, rid)
+            result = await in_thread(svc.delete, ctx, rtype, rid)
         else:
             raise error(405, "not-supported", "Phương thức không hỗ trợ", f"{request.method} not allowed here")
         return self.respond(request, result, ctx)
@@ -272,32 +272,32 @@ class FhirApi:
         rtype, rid, sub = request.path_params["rtype"], request.path_params["rid"], request.path_params["sub"]
         svc = self.service
         if sub == "_history":
-            result = await run_in_threadpool(svc.history, ctx, rtype, rid, self.query(request))
+            result = await in_thread(svc.history, ctx, rtype, rid, self.query(request))
         elif sub == "$everything" and rtype == "Patient":
             params = self.query(request)
             if request.method == "POST":
                 params += parameter_pairs(parse_json(await self.body(request)))
-            result = await run_in_threadpool(svc.everything, ctx, rid, params)
+            result = await in_thread(svc.everything, ctx, rid, params)
         elif sub == "$validate":
             payload = parse_json(await self.body(request))
-            result = await run_in_threadpool(svc.validate_operation, ctx, rtype, payload, rid)
+            result = await in_thread(svc.validate_operation, ctx, rtype, payload, rid)
         elif sub == "$meta":
-            result = await run_in_threadpool(svc.meta, ctx, rtype, rid)
+            result = await in_thread(svc.meta, ctx, rtype, rid)
         elif sub == "$break-glass" and rtype == "Patient" and request.method == "POST" and self.auth is not None:
             pairs = dict(parameter_pairs(parse_json(await self.body(request))))
             self.service.check_id(rid)
-            grant = await run_in_threadpool(self.auth.break_glass, ctx, rid, pairs.get("reason", ""))
+            grant = await in_thread(self.auth.break_glass, ctx, rid, pairs.get("reason", ""))
             return self.json(request, 200, orjson.dumps({"resourceType": "Parameters", "parameter": [
                 {"name": k, "valueString" if isinstance(v, str) else "valueInteger": v} for k, v in grant.items()]}))
         elif sub == "$mpi-link" and rtype == "Patient" and request.method == "POST" and self.identity is not None:
             self.service.check_id(rid)
-            outcome = await run_in_threadpool(self.identity.resolve, ctx, rid)
+            outcome = await in_thread(self.identity.resolve, ctx, rid)
             return self.json(request, 200, orjson.dumps(to_parameters(outcome)))
         elif sub == "$access-report" and rtype == "Patient" and self.auth is not None:
             return await self.audit_bundle(request, ctx, {"patient": rid})
         elif sub in ("$meta-add", "$meta-delete") and request.method == "POST":
             payload = parse_json(await self.body(request))
-            result = await run_in_threadpool(svc.meta_change, ctx, rtype, rid, payload, sub == "$meta-add")
+            result = await in_thread(svc.meta_change, ctx, rtype, rid, payload, sub == "$meta-add")
         else:
             raise error(404, "not-supported", f"Không hỗ trợ '{sub}'", f"'{sub}' is not supported on {rtype}")
         return self.respond(request, result, ctx)
@@ -306,9 +306,9 @@ class FhirApi:
         ctx = await self.context(request)
         p = request.path_params
         if p.get("op") == "$meta":
-            result = await run_in_threadpool(self.service.meta, ctx, p["rtype"], p["rid"], p["vid"])
+            result = await in_thread(self.service.meta, ctx, p["rtype"], p["rid"], p["vid"])
         else:
-            result = await run_in_threadpool(self.service.vread, ctx, p["rtype"], p["rid"], p["vid"])
+            result = await in_thread(self.service.vread, ctx, p["rtype"], p["rid"], p["vid"])
         return self.respond(request, result, ctx)
 
     async def type_operation(self, request: Request, ctx: Context, rtype: str, op: str) -> Response:
@@ -316,9 +316,9 @@ class FhirApi:
         svc.check_type(rtype)
         if op == "$validate" and request.method == "POST":
             payload = parse_json(await self.body(request))
-            result = await run_in_threadpool(svc.validate_operation, ctx, rtype, payload)
+            result = await in_thread(svc.validate_operation, ctx, rtype, payload)
         elif op == "$meta":
-            result = await run_in_threadpool(svc.meta, ctx, rtype, None)
+            result = await in_thread(svc.meta, ctx, rtype, None)
         elif op == "$export" and rtype == "Patient":
             return await self.export_kickoff(request, ctx, "patient")
         elif op in ("$match", "$merge", "$unmerge") and rtype == "Patient" and request.method == "POST" \
@@ -332,18 +332,18 @@ class FhirApi:
         if op == "$export":
             return await self.export_kickoff(request, ctx, "system")
         if op == "$meta":
-            result = await run_in_threadpool(self.service.meta, ctx, None, None)
+            result = await in_thread(self.service.meta, ctx, None, None)
             return self.respond(request, result, ctx)
         if op == "$mpi-review" and self.identity is not None:
             identity = self.identity
             if request.method == "POST":
                 pairs = dict(parameter_pairs(parse_json(await self.body(request))))
                 self.service.guard.authorize(ctx, "update", "Patient")
-                outcome = await run_in_threadpool(identity.decide, ctx, pairs.get("review", ""), pairs.get("decision", ""))
+                outcome = await in_thread(identity.decide, ctx, pairs.get("review", ""), pairs.get("decision", ""))
                 return self.json(request, 200, orjson.dumps(to_parameters(outcome)))
             self.service.guard.authorize(ctx, "search", "Patient")
             status = request.query_params.get("status", "pending")
-            items = await run_in_threadpool(identity.reviews, status)
+            items = await in_thread(identity.reviews, status)
             return self.json(request, 200, orjson.dumps({"resourceType": "Parameters", "parameter": [
                 {"name": "review", "part": to_parameters(item)["parameter"]} for item in items]}))
         if op == "$audit" and self.auth is not None:
@@ -352,9 +352,9 @@ class FhirApi:
         if op == "$export-poll-status":
             job = request.query_params.get("_jobId", "")
             if request.method == "DELETE":
-                await run_in_threadpool(self.exports.cancel, ctx, job)
+                await in_thread(self.exports.cancel, ctx, job)
                 return Response(status_code=202)
-            polled: tuple[int, dict[str, Any] | None, dict[str, str]] = await run_in_threadpool(
+            polled: tuple[int, dict[str, Any] | None, dict[str, str]] = await in_thread(
                 self.exports.status, ctx, job)
             code, manifest, headers = polled
             if manifest is None:
@@ -366,7 +366,7 @@ class FhirApi:
         assert self.identity is not None
         payload = parse_json(await self.body(request))
         if op == "$match":
-            bundle = await run_in_threadpool(self.identity.match, ctx, payload)
+            bundle = await in_thread(self.identity.match, ctx, payload)
             return self.json(request, 200, orjson.dumps(bundle))
         values = parameter_values(payload)
         if op == "$merge":
@@ -374,9 +374,9 @@ class FhirApi:
             target = values.get("target-patient", "").removeprefix("Patient/")
             self.service.check_id(source or "-")
             self.service.check_id(target or "-")
-            outcome = await run_in_threadpool(self.identity.merge, ctx, source, target)
+            outcome = await in_thread(self.identity.merge, ctx, source, target)
         else:
-            outcome = await run_in_threadpool(self.identity.unmerge, ctx, values.get("merge", ""))
+            outcome = await in_thread(self.identity.unmerge, ctx, values.get("merge", ""))
         return self.json(request, 200, orjson.dumps(to_parameters(outcome)))
 
     async def audit_bundle(self, request: Request, ctx: Context, query: dict[str, str]) -> Response:
@@ -392,7 +392,7 @@ class FhirApi:
                 since = parse_range(query["since"].replace(" ", "+"))[0]
             except DateFormatError:
                 raise error(400, "invalid", "since không hợp lệ", "Invalid since") from None
-        events = await run_in_threadpool(guard.audit.events, query.get("patient"), query.get("actor"), since)
+        events = await in_thread(guard.audit.events, query.get("patient"), query.get("actor"), since)
         guard.on_access(ctx, AuditFacts("operation", patients={query["patient"]} if "patient" in query else set(),
                                         detail="audit trail read"))
         bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(events),
@@ -408,12 +408,12 @@ class FhirApi:
             raw = await self.body(request)
             if raw:
                 params += parameter_pairs(parse_json(raw))
-        job = await run_in_threadpool(self.exports.start, ctx, level, params)
+        job = await in_thread(self.exports.start, ctx, level, params)
         return Response(status_code=202, headers={"Content-Location": f"{ctx.base_url}/$export-poll-status?_jobId={job}"})
 
     async def export_file(self, request: Request) -> Response:
         ctx = await self.context(request)
-        data = await run_in_threadpool(self.exports.file, ctx, request.path_params["job"], request.path_params["name"])
+        data = await in_thread(self.exports.file, ctx, request.path_params["job"], request.path_params["name"])
         return Response(data, media_type="application/fhir+ndjson")
 
 
