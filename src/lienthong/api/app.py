@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +45,7 @@ log = logging.getLogger("lienthong.api")
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 _JSON_TYPES = ("application/fhir+json", "application/json", "json", "fhir+json", "application/json+fhir")
 _XML_TYPES = ("application/fhir+xml", "application/xml", "xml", "text/xml", "fhir+xml", "application/xml+fhir")
-AUDIT_WAITS = "lienthong.audit_waits"  # ASGI scope key: the request's audit commits, awaited by AuditBarrier
+AUDIT_WAITS = "lienthong.audit_waits"  # ASGI scope key: the request's audit commits, awaited by ResponseGuard
 
 
 @dataclass
@@ -78,6 +77,7 @@ class FhirApi:
         self.bundles = BundleProcessor(service)
         self.exports = ExportManager(service)
         self._capability: dict[str, Any] | None = None
+        self._base_urls: dict[tuple[Any, ...], str] = {}
         self.operations: list[Operation] = []  # what the optional parts add, for the CapabilityStatement
         if identity is not None:
             self.operations += [
@@ -90,21 +90,38 @@ class FhirApi:
 
     # ---- plumbing --------------------------------------------------------------
     def base_context(self, request: Request) -> Context:
-        base = self.settings.public_base_url or str(request.base_url).rstrip("/") + "/fhir"
-        prefer = request.headers.get("prefer", "")
+        scope = request.scope
+        prefer = _header(scope, b"prefer")
+        client = scope.get("client")
         return Context(
-            base_url=base,
-            strict="handling=strict" in prefer.replace(" ", ""),
-            address=request.client.host if request.client else None,
+            base_url=self.settings.public_base_url or self._base_url(request),
+            strict=prefer is not None and "handling=strict" in prefer.replace(" ", ""),
+            address=client[0] if client else None,
             extra={"node": self.settings.node_name},
-            audit_waits=request.scope.get(AUDIT_WAITS),
+            audit_waits=scope.get(AUDIT_WAITS),
         )
+
+    def _base_url(self, request: Request) -> str:
+        """Starlette's `base_url` + "/fhir", remembered per (scheme, server, Host, root path).
+
+        Why: building the URL object cost more than the rest of the context. The Host header comes
+        from the client, so the memo is bounded and simply cleared when full."""
+        scope = request.scope
+        server = scope.get("server")  # a tuple from uvicorn, a list from some test clients
+        key = (scope.get("scheme"), tuple(server) if server else None, _header(scope, b"host"),
+               scope.get("app_root_path", scope.get("root_path")))
+        base = self._base_urls.get(key)
+        if base is None:
+            if len(self._base_urls) >= 64:
+                self._base_urls.clear()
+            base = self._base_urls[key] = str(request.base_url).rstrip("/") + "/fhir"
+        return base
 
     async def context(self, request: Request) -> Context:
         """The request context with the authenticated principal (401 when authentication is on and fails)."""
         ctx = self.base_context(request)
         if self.auth is not None:
-            header = request.headers.get("authorization")
+            header = _header(request.scope, b"authorization")
             try:  # from caches on the event loop: no thread-pool hop for the common case
                 ctx.principal = self.auth.principal(ctx, header, io=False)
             except NeedsIO:
@@ -129,6 +146,8 @@ class FhirApi:
 
     @staticmethod
     def query(request: Request) -> list[tuple[str, str]]:
+        if not request.scope.get("query_string"):  # most reads: no URL to build, nothing to parse
+            return []
         return parse_qsl(request.url.query, keep_blank_values=True)
 
     async def form_or_query(self, request: Request) -> list[tuple[str, str]]:
@@ -146,8 +165,8 @@ class FhirApi:
             headers["Last-Modified"] = format_http_date(stored.last_updated)
             if result.status == 201:
                 headers["Location"] = f"{ctx.base_url}/{stored.rtype}/{stored.rid}/_history/{stored.version}"
-        prefer = request.headers.get("prefer", "").replace(" ", "")
         if request.method in ("POST", "PUT", "PATCH") and stored is not None:
+            prefer = (_header(request.scope, b"prefer") or "").replace(" ", "")
             if "return=minimal" in prefer:
                 return Response(status_code=result.status, headers=headers)
             if "return=OperationOutcome" in prefer:
@@ -170,7 +189,7 @@ class FhirApi:
 
     @staticmethod
     def json(request: Request, status: int, data: bytes, headers: dict[str, str] | None = None) -> Response:
-        pretty = request.query_params.get("_pretty") == "true"
+        pretty = bool(request.scope.get("query_string")) and request.query_params.get("_pretty") == "true"
         if pretty and data:
             data = orjson.dumps(orjson.loads(data), option=orjson.OPT_INDENT_2)
         return Response(data, status_code=status, headers=headers, media_type=FHIR_JSON)
@@ -421,8 +440,8 @@ def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Reque
     """Content negotiation first: XML is refused with 406 until it is implemented."""
 
     async def wrapped(request: Request) -> Response:
-        fmt = request.query_params.get("_format")
-        accept = request.headers.get("accept", "")
+        fmt = request.query_params.get("_format") if request.scope.get("query_string") else None
+        accept = _header(request.scope, b"accept") or ""
         if fmt is not None:
             if fmt.split(";")[0].strip() in _XML_TYPES:
                 raise error(406, "not-supported", "Chưa hỗ trợ XML", "XML is not supported yet; use _format=json")
@@ -434,6 +453,15 @@ def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Reque
         return await handler(request)
 
     return wrapped
+
+
+def _header(scope: Any, name: bytes) -> str | None:
+    """The first value of a header (name in lower case, as ASGI gives them), like `Headers.get`
+    without building the mapping or raising KeyError for the usual absent ones."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _accepts_json(accept: str) -> bool:
@@ -508,14 +536,13 @@ def build_app(service: FhirService, settings: ApiSettings | None = None,
         api.operations += exchange_api.operations()
     if auth is not None:
         all_routes = AuthApi(auth, api.base_context).routes() + all_routes
-    middleware = [Middleware(SecurityHeaders)]
+    middleware = [Middleware(ResponseGuard)]  # outermost: sees the answer as it leaves, CORS headers included
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                      allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                                      allow_headers=["Authorization", "Content-Type", "Prefer", "If-Match",
                                                     "If-None-Exist"],
                                      expose_headers=["Location", "ETag", "Content-Location", "Last-Modified"]))
-    middleware.append(Middleware(AuditBarrier))
     app = Starlette(routes=all_routes, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware)
     app.state.api = api
     api.exports.resume()
@@ -524,40 +551,21 @@ def build_app(service: FhirService, settings: ApiSettings | None = None,
 
 Send = Callable[[Any], Awaitable[None]]
 
-
-class _SendFilter(ABC):
-    """ASGI middleware that sees every outgoing message of an HTTP request through `filter`."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        await self.app(scope, receive, self.filter(scope, send))
-
-    @abstractmethod
-    def filter(self, scope: Any, send: Send) -> Send:
-        """Wrap `send` for one request."""
+_SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"), (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"))
+_SECURITY_NAMES = frozenset(name for name, _ in _SECURITY_HEADERS)
 
 
-class SecurityHeaders(_SendFilter):
-    """Security headers on every response; clinical data is never cached by browsers or proxies."""
-
-    _HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-                (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store"),
-                (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"))
-
-    def filter(self, scope: Any, send: Send) -> Send:
-        async def send_with_headers(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                present = {k.lower() for k, _ in message.get("headers", [])}
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [h for h in self._HEADERS if h[0] not in present]
-            await send(message)
-
-        return send_with_headers
+def _with_security_headers(headers: Any) -> list[tuple[bytes, bytes]]:
+    """The response's headers plus every security header it does not set itself."""
+    out = list(headers)
+    present = {k.lower() for k, _ in out if k.lower() in _SECURITY_NAMES} if out else ()
+    if present:
+        out += [h for h in _SECURITY_HEADERS if h[0] not in present]
+    else:
+        out += _SECURITY_HEADERS
+    return out
 
 
 class _LoopNotifier(BatchNotifier):
@@ -588,21 +596,30 @@ class _RequestWaits(AuditWaits):
         self.future: asyncio.Future[None] | None = None
 
 
-class AuditBarrier(_SendFilter):
-    """No response leaves before the audit records of its request are committed.
+class ResponseGuard:
+    """Every HTTP response gets the security headers, and none leaves before its audit records are committed.
 
-    Why at the ASGI level: every route (FHIR, auth, exchange) records through the same context, and
-    holding back `http.response.start` means no byte of clinical data is sent on an unwritten record.
-    The records are group-committed, so concurrent requests share one audit transaction, and the
-    requests of a batch are woken together (`_LoopNotifier`). If the commit fails, the client gets a
-    500 OperationOutcome instead of the data.
+    Security headers: clinical data is never cached by browsers or proxies, framed or sniffed.
+
+    Audit barrier, at the ASGI level because every route (FHIR, auth, exchange) records through the
+    same context, and holding back `http.response.start` means no byte of clinical data is sent on an
+    unwritten record. The records are group-committed, so concurrent requests share one audit
+    transaction, and the requests of a batch are woken together (`_LoopNotifier`). If the commit
+    fails, the client gets a 500 OperationOutcome instead of the data (keeping the CORS headers the
+    withheld answer had, so a browser can read it).
+
+    Why one middleware for both: each ASGI layer costs a call, a closure and an awaited send per
+    message on every request; the two were always applied together, outermost.
     """
 
     def __init__(self, app: Any) -> None:
-        super().__init__(app)
+        self.app = app
         self._notifier: _LoopNotifier | None = None
 
-    def filter(self, scope: Any, send: Send) -> Send:
+    async def __call__(self, scope: Any, receive: Any, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         loop = asyncio.get_running_loop()
         notifier = self._notifier
         if notifier is None or notifier.loop is not loop:
@@ -611,23 +628,32 @@ class AuditBarrier(_SendFilter):
         scope[AUDIT_WAITS] = waits
         failed = False
 
-        async def send_when_audited(message: Any) -> None:
+        async def guarded_send(message: Any) -> None:
             nonlocal failed
-            if message["type"] == "http.response.start" and waits.expected:
-                if not waits.done:
-                    waits.future = loop.create_future()
-                    await waits.future
-                if waits.error is not None:
-                    log.error("audit commit failed; the response is withheld", exc_info=waits.error)
-                    failed = True
-                    outcome = operation_outcome([OutcomeIssue(
-                        "fatal", "exception", "Không ghi được nhật ký kiểm toán / The audit record could not be "
-                                              "written; nothing was returned")])
-                    await send({"type": "http.response.start", "status": 500,
-                                "headers": [(b"content-type", FHIR_JSON.encode())]})
-                    await send({"type": "http.response.body", "body": orjson.dumps(outcome)})
-                    return
-            if not failed:
-                await send(message)
+            if failed:
+                return
+            if message["type"] == "http.response.start":
+                if waits.expected:
+                    if not waits.done:
+                        waits.future = loop.create_future()
+                        await waits.future
+                    if waits.error is not None:
+                        failed = True
+                        await self._audit_failed(message, waits.error, send)
+                        return
+                message["headers"] = _with_security_headers(message.get("headers", ()))
+            await send(message)
 
-        return send_when_audited
+        await self.app(scope, receive, guarded_send)
+
+    @staticmethod
+    async def _audit_failed(withheld: Any, exc: BaseException, send: Send) -> None:
+        log.error("audit commit failed; the response is withheld", exc_info=exc)
+        outcome = operation_outcome([OutcomeIssue(
+            "fatal", "exception", "Không ghi được nhật ký kiểm toán / The audit record could not be "
+                                  "written; nothing was returned")])
+        cors = [(k, v) for k, v in withheld.get("headers", ()) if k.lower().startswith(b"access-control-")
+                or k.lower() == b"vary"]
+        await send({"type": "http.response.start", "status": 500,
+                    "headers": _with_security_headers([(b"content-type", FHIR_JSON.encode()), *cors])})
+        await send({"type": "http.response.body", "body": orjson.dumps(outcome)})
