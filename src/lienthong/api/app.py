@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -162,7 +163,7 @@ class FhirApi:
         stored = result.stored
         if stored is not None and not stored.deleted:
             headers["ETag"] = stored.etag
-            headers["Last-Modified"] = format_http_date(stored.last_updated)
+            headers["Last-Modified"] = _http_date(stored.last_updated // 1_000_000)
             if result.status == 201:
                 headers["Location"] = f"{ctx.base_url}/{stored.rtype}/{stored.rid}/_history/{stored.version}"
         if request.method in ("POST", "PUT", "PATCH") and stored is not None:
@@ -453,6 +454,13 @@ def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Reque
         return await handler(request)
 
     return wrapped
+
+
+@lru_cache(maxsize=4096)
+def _http_date(seconds: int) -> str:
+    """Last-Modified has whole seconds, and the same resources are read again and again: formatting
+    the date was a tenth of `respond`."""
+    return format_http_date(seconds * 1_000_000)
 
 
 def _header(scope: Any, name: bytes) -> str | None:
