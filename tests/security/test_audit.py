@@ -264,6 +264,8 @@ def test_a_read_is_not_answered_when_its_audit_cannot_be_written(world: World,
     r = http.get("/fhir/Patient/p1a", headers=world.h("system-facility"))
     assert_outcome(r, 500, "exception")
     assert "p1a" not in r.text and "Patient" not in r.text
+    assert "etag" not in r.headers and r.headers["cache-control"] == "no-store"  # withheld answer, still secured
+    assert r.headers["x-content-type-options"] == "nosniff"
     monkeypatch.undo()
     assert world.http.get("/fhir/Patient/p1a", headers=world.h("system-facility")).status_code == 200
 

@@ -546,6 +546,10 @@ def test_cors_only_for_configured_origins(world: World) -> None:
         with TestClient(app) as http:
             ok = http.get("/fhir/metadata", headers={"Origin": "https://emr.benhvien.vn"})
             assert ok.headers["access-control-allow-origin"] == "https://emr.benhvien.vn"
+            assert ok.headers["x-frame-options"] == "DENY"  # security headers on CORS answers too
+            pre = http.options("/fhir/Patient", headers={"Origin": "https://emr.benhvien.vn",
+                                                         "Access-Control-Request-Method": "GET"})
+            assert pre.status_code == 200 and pre.headers["cache-control"] == "no-store"
             bad = http.get("/fhir/metadata", headers={"Origin": "https://evil.example"})
             assert "access-control-allow-origin" not in bad.headers
     finally:

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from lienthong.api.parameters import parameter_pairs, parameter_values, to_parameters
+from lienthong.api.workers import in_thread
 from lienthong.exchange.service import ExchangeService
 from lienthong.fhir.datetimes import format_http_date
 from lienthong.fhir.outcome import FhirError, OutcomeIssue, error, operation_outcome
@@ -46,7 +46,7 @@ log = logging.getLogger("lienthong.api")
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 _JSON_TYPES = ("application/fhir+json", "application/json", "json", "fhir+json", "application/json+fhir")
 _XML_TYPES = ("application/fhir+xml", "application/xml", "xml", "text/xml", "fhir+xml", "application/xml+fhir")
-AUDIT_WAITS = "lienthong.audit_waits"  # ASGI scope key: the request's audit commits, awaited by AuditBarrier
+AUDIT_WAITS = "lienthong.audit_waits"  # ASGI scope key: the request's audit commits, awaited by ResponseGuard
 
 
 @dataclass
@@ -78,6 +78,7 @@ class FhirApi:
         self.bundles = BundleProcessor(service)
         self.exports = ExportManager(service)
         self._capability: dict[str, Any] | None = None
+        self._base_urls: dict[tuple[Any, ...], str] = {}
         self.operations: list[Operation] = []  # what the optional parts add, for the CapabilityStatement
         if identity is not None:
             self.operations += [
@@ -90,25 +91,42 @@ class FhirApi:
 
     # ---- plumbing --------------------------------------------------------------
     def base_context(self, request: Request) -> Context:
-        base = self.settings.public_base_url or str(request.base_url).rstrip("/") + "/fhir"
-        prefer = request.headers.get("prefer", "")
+        scope = request.scope
+        prefer = _header(scope, b"prefer")
+        client = scope.get("client")
         return Context(
-            base_url=base,
-            strict="handling=strict" in prefer.replace(" ", ""),
-            address=request.client.host if request.client else None,
+            base_url=self.settings.public_base_url or self._base_url(request),
+            strict=prefer is not None and "handling=strict" in prefer.replace(" ", ""),
+            address=client[0] if client else None,
             extra={"node": self.settings.node_name},
-            audit_waits=request.scope.get(AUDIT_WAITS),
+            audit_waits=scope.get(AUDIT_WAITS),
         )
+
+    def _base_url(self, request: Request) -> str:
+        """Starlette's `base_url` + "/fhir", remembered per (scheme, server, Host, root path).
+
+        Why: building the URL object cost more than the rest of the context. The Host header comes
+        from the client, so the memo is bounded and simply cleared when full."""
+        scope = request.scope
+        server = scope.get("server")  # a tuple from uvicorn, a list from some test clients
+        key = (scope.get("scheme"), tuple(server) if server else None, _header(scope, b"host"),
+               scope.get("app_root_path", scope.get("root_path")))
+        base = self._base_urls.get(key)
+        if base is None:
+            if len(self._base_urls) >= 64:
+                self._base_urls.clear()
+            base = self._base_urls[key] = str(request.base_url).rstrip("/") + "/fhir"
+        return base
 
     async def context(self, request: Request) -> Context:
         """The request context with the authenticated principal (401 when authentication is on and fails)."""
         ctx = self.base_context(request)
         if self.auth is not None:
-            header = request.headers.get("authorization")
+            header = _header(request.scope, b"authorization")
             try:  # from caches on the event loop: no thread-pool hop for the common case
                 ctx.principal = self.auth.principal(ctx, header, io=False)
             except NeedsIO:
-                ctx.principal = await run_in_threadpool(self.auth.principal, ctx, header)
+                ctx.principal = await in_thread(self.auth.principal, ctx, header)
         return ctx
 
     async def body(self, request: Request) -> bytes:
@@ -129,6 +147,8 @@ class FhirApi:
 
     @staticmethod
     def query(request: Request) -> list[tuple[str, str]]:
+        if not request.scope.get("query_string"):  # most reads: no URL to build, nothing to parse
+            return []
         return parse_qsl(request.url.query, keep_blank_values=True)
 
     async def form_or_query(self, request: Request) -> list[tuple[str, str]]:
@@ -143,11 +163,11 @@ class FhirApi:
         stored = result.stored
         if stored is not None and not stored.deleted:
             headers["ETag"] = stored.etag
-            headers["Last-Modified"] = format_http_date(stored.last_updated)
+            headers["Last-Modified"] = _http_date(stored.last_updated // 1_000_000)
             if result.status == 201:
                 headers["Location"] = f"{ctx.base_url}/{stored.rtype}/{stored.rid}/_history/{stored.version}"
-        prefer = request.headers.get("prefer", "").replace(" ", "")
         if request.method in ("POST", "PUT", "PATCH") and stored is not None:
+            prefer = (_header(request.scope, b"prefer") or "").replace(" ", "")
             if "return=minimal" in prefer:
                 return Response(status_code=result.status, headers=headers)
             if "return=OperationOutcome" in prefer:
@@ -170,7 +190,7 @@ class FhirApi:
 
     @staticmethod
     def json(request: Request, status: int, data: bytes, headers: dict[str, str] | None = None) -> Response:
-        pretty = request.query_params.get("_pretty") == "true"
+        pretty = bool(request.scope.get("query_string")) and request.query_params.get("_pretty") == "true"
         if pretty and data:
             data = orjson.dumps(orjson.loads(data), option=orjson.OPT_INDENT_2)
         return Response(data, status_code=status, headers=headers, media_type=FHIR_JSON)
@@ -184,26 +204,26 @@ class FhirApi:
     # ---- endpoints -------------------------------------------------------------
     async def metadata(self, request: Request) -> Response:
         ctx = self.base_context(request)
-        cap = await run_in_threadpool(self.capability, ctx)
+        cap = await in_thread(self.capability, ctx)
         return self.json(request, 200, orjson.dumps(cap))
 
     async def root(self, request: Request) -> Response:
         ctx = await self.context(request)
         if request.method == "POST":
             bundle = parse_json(await self.body(request))
-            result = await run_in_threadpool(self.bundles.process, ctx, bundle)
+            result = await in_thread(self.bundles.process, ctx, bundle)
             return self.respond(request, result, ctx)
         params = self.query(request)
         types = [t.strip() for name, value in params if name == "_type" for t in value.split(",") if t.strip()]
         for rtype in types:
             self.service.check_type(rtype)
         params = [(name, value) for name, value in params if name != "_type"]
-        result = await run_in_threadpool(self.service.search, ctx, None, params, types or None)
+        result = await in_thread(self.service.search, ctx, None, params, types or None)
         return self.respond(request, result, ctx)
 
     async def system_history(self, request: Request) -> Response:
         ctx = await self.context(request)
-        result = await run_in_threadpool(self.service.history, ctx, None, None, self.query(request))
+        result = await in_thread(self.service.history, ctx, None, None, self.query(request))
         return self.respond(request, result, ctx)
 
     async def type_level(self, request: Request) -> Response:
@@ -213,20 +233,20 @@ class FhirApi:
             return await self.system_operation(request, ctx, rtype)
         svc = self.service
         if request.method in ("GET", "HEAD"):
-            result = await run_in_threadpool(svc.search, ctx, rtype, self.query(request))
+            result = await in_thread(svc.search, ctx, rtype, self.query(request))
         elif request.method == "POST":
             resource = parse_resource(await self.body(request))
-            result = await run_in_threadpool(svc.create, ctx, rtype, resource, request.headers.get("if-none-exist"))
+            result = await in_thread(svc.create, ctx, rtype, resource, request.headers.get("if-none-exist"))
         elif request.method == "PUT":
             resource = parse_resource(await self.body(request))
             if not request.url.query:
                 raise error(400, "invalid", "PUT cần id hoặc điều kiện", "PUT needs an id or search criteria")
-            result = await run_in_threadpool(svc.conditional_update, ctx, rtype, request.url.query, resource,
+            result = await in_thread(svc.conditional_update, ctx, rtype, request.url.query, resource,
                                              request.headers.get("if-match"))
         elif request.method == "DELETE":
             if not request.url.query:
                 raise error(400, "invalid", "DELETE cần id hoặc điều kiện", "DELETE needs an id or search criteria")
-            result = await run_in_threadpool(svc.conditional_delete, ctx, rtype, request.url.query)
+            result = await in_thread(svc.conditional_delete, ctx, rtype, request.url.query)
         else:
             raise error(405, "not-supported", "Phương thức không hỗ trợ", f"{request.method} not allowed here")
         return self.respond(request, result, ctx)
@@ -234,12 +254,12 @@ class FhirApi:
     async def type_search_post(self, request: Request) -> Response:
         ctx = await self.context(request)
         params = await self.form_or_query(request)
-        result = await run_in_threadpool(self.service.search, ctx, request.path_params["rtype"], params)
+        result = await in_thread(self.service.search, ctx, request.path_params["rtype"], params)
         return self.respond(request, result, ctx)
 
     async def type_history(self, request: Request) -> Response:
         ctx = await self.context(request)
-        result = await run_in_threadpool(self.service.history, ctx, request.path_params["rtype"], None,
+        result = await in_thread(self.service.history, ctx, request.path_params["rtype"], None,
                                          self.query(request))
         return self.respond(request, result, ctx)
 
@@ -250,19 +270,19 @@ class FhirApi:
             return await self.type_operation(request, ctx, rtype, rid)
         svc = self.service
         if request.method in ("GET", "HEAD"):
-            result = await run_in_threadpool(svc.read, ctx, rtype, rid)
+            result = await in_thread(svc.read, ctx, rtype, rid)
         elif request.method == "PUT":
             resource = parse_resource(await self.body(request))
-            result = await run_in_threadpool(svc.update, ctx, rtype, rid, resource, request.headers.get("if-match"))
+            result = await in_thread(svc.update, ctx, rtype, rid, resource, request.headers.get("if-match"))
         elif request.method == "PATCH":
             ctype = request.headers.get("content-type", "").split(";")[0].strip()
             if ctype not in ("application/json-patch+json", "application/json"):
                 raise error(415, "not-supported", "Chỉ hỗ trợ JSON Patch",
                             "PATCH needs Content-Type application/json-patch+json")
             ops = parse_json(await self.body(request))
-            result = await run_in_threadpool(svc.patch, ctx, rtype, rid, ops, request.headers.get("if-match"))
+            result = await in_thread(svc.patch, ctx, rtype, rid, ops, request.headers.get("if-match"))
         elif request.method == "DELETE":
-            result = await run_in_threadpool(svc.delete, ctx, rtype, rid)
+            result = await in_thread(svc.delete, ctx, rtype, rid)
         else:
             raise error(405, "not-supported", "Phương thức không hỗ trợ", f"{request.method} not allowed here")
         return self.respond(request, result, ctx)
@@ -272,32 +292,32 @@ class FhirApi:
         rtype, rid, sub = request.path_params["rtype"], request.path_params["rid"], request.path_params["sub"]
         svc = self.service
         if sub == "_history":
-            result = await run_in_threadpool(svc.history, ctx, rtype, rid, self.query(request))
+            result = await in_thread(svc.history, ctx, rtype, rid, self.query(request))
         elif sub == "$everything" and rtype == "Patient":
             params = self.query(request)
             if request.method == "POST":
                 params += parameter_pairs(parse_json(await self.body(request)))
-            result = await run_in_threadpool(svc.everything, ctx, rid, params)
+            result = await in_thread(svc.everything, ctx, rid, params)
         elif sub == "$validate":
             payload = parse_json(await self.body(request))
-            result = await run_in_threadpool(svc.validate_operation, ctx, rtype, payload, rid)
+            result = await in_thread(svc.validate_operation, ctx, rtype, payload, rid)
         elif sub == "$meta":
-            result = await run_in_threadpool(svc.meta, ctx, rtype, rid)
+            result = await in_thread(svc.meta, ctx, rtype, rid)
         elif sub == "$break-glass" and rtype == "Patient" and request.method == "POST" and self.auth is not None:
             pairs = dict(parameter_pairs(parse_json(await self.body(request))))
             self.service.check_id(rid)
-            grant = await run_in_threadpool(self.auth.break_glass, ctx, rid, pairs.get("reason", ""))
+            grant = await in_thread(self.auth.break_glass, ctx, rid, pairs.get("reason", ""))
             return self.json(request, 200, orjson.dumps({"resourceType": "Parameters", "parameter": [
                 {"name": k, "valueString" if isinstance(v, str) else "valueInteger": v} for k, v in grant.items()]}))
         elif sub == "$mpi-link" and rtype == "Patient" and request.method == "POST" and self.identity is not None:
             self.service.check_id(rid)
-            outcome = await run_in_threadpool(self.identity.resolve, ctx, rid)
+            outcome = await in_thread(self.identity.resolve, ctx, rid)
             return self.json(request, 200, orjson.dumps(to_parameters(outcome)))
         elif sub == "$access-report" and rtype == "Patient" and self.auth is not None:
             return await self.audit_bundle(request, ctx, {"patient": rid})
         elif sub in ("$meta-add", "$meta-delete") and request.method == "POST":
             payload = parse_json(await self.body(request))
-            result = await run_in_threadpool(svc.meta_change, ctx, rtype, rid, payload, sub == "$meta-add")
+            result = await in_thread(svc.meta_change, ctx, rtype, rid, payload, sub == "$meta-add")
         else:
             raise error(404, "not-supported", f"Không hỗ trợ '{sub}'", f"'{sub}' is not supported on {rtype}")
         return self.respond(request, result, ctx)
@@ -306,9 +326,9 @@ class FhirApi:
         ctx = await self.context(request)
         p = request.path_params
         if p.get("op") == "$meta":
-            result = await run_in_threadpool(self.service.meta, ctx, p["rtype"], p["rid"], p["vid"])
+            result = await in_thread(self.service.meta, ctx, p["rtype"], p["rid"], p["vid"])
         else:
-            result = await run_in_threadpool(self.service.vread, ctx, p["rtype"], p["rid"], p["vid"])
+            result = await in_thread(self.service.vread, ctx, p["rtype"], p["rid"], p["vid"])
         return self.respond(request, result, ctx)
 
     async def type_operation(self, request: Request, ctx: Context, rtype: str, op: str) -> Response:
@@ -316,9 +336,9 @@ class FhirApi:
         svc.check_type(rtype)
         if op == "$validate" and request.method == "POST":
             payload = parse_json(await self.body(request))
-            result = await run_in_threadpool(svc.validate_operation, ctx, rtype, payload)
+            result = await in_thread(svc.validate_operation, ctx, rtype, payload)
         elif op == "$meta":
-            result = await run_in_threadpool(svc.meta, ctx, rtype, None)
+            result = await in_thread(svc.meta, ctx, rtype, None)
         elif op == "$export" and rtype == "Patient":
             return await self.export_kickoff(request, ctx, "patient")
         elif op in ("$match", "$merge", "$unmerge") and rtype == "Patient" and request.method == "POST" \
@@ -332,18 +352,18 @@ class FhirApi:
         if op == "$export":
             return await self.export_kickoff(request, ctx, "system")
         if op == "$meta":
-            result = await run_in_threadpool(self.service.meta, ctx, None, None)
+            result = await in_thread(self.service.meta, ctx, None, None)
             return self.respond(request, result, ctx)
         if op == "$mpi-review" and self.identity is not None:
             identity = self.identity
             if request.method == "POST":
                 pairs = dict(parameter_pairs(parse_json(await self.body(request))))
                 self.service.guard.authorize(ctx, "update", "Patient")
-                outcome = await run_in_threadpool(identity.decide, ctx, pairs.get("review", ""), pairs.get("decision", ""))
+                outcome = await in_thread(identity.decide, ctx, pairs.get("review", ""), pairs.get("decision", ""))
                 return self.json(request, 200, orjson.dumps(to_parameters(outcome)))
             self.service.guard.authorize(ctx, "search", "Patient")
             status = request.query_params.get("status", "pending")
-            items = await run_in_threadpool(identity.reviews, status)
+            items = await in_thread(identity.reviews, status)
             return self.json(request, 200, orjson.dumps({"resourceType": "Parameters", "parameter": [
                 {"name": "review", "part": to_parameters(item)["parameter"]} for item in items]}))
         if op == "$audit" and self.auth is not None:
@@ -352,9 +372,9 @@ class FhirApi:
         if op == "$export-poll-status":
             job = request.query_params.get("_jobId", "")
             if request.method == "DELETE":
-                await run_in_threadpool(self.exports.cancel, ctx, job)
+                await in_thread(self.exports.cancel, ctx, job)
                 return Response(status_code=202)
-            polled: tuple[int, dict[str, Any] | None, dict[str, str]] = await run_in_threadpool(
+            polled: tuple[int, dict[str, Any] | None, dict[str, str]] = await in_thread(
                 self.exports.status, ctx, job)
             code, manifest, headers = polled
             if manifest is None:
@@ -366,7 +386,7 @@ class FhirApi:
         assert self.identity is not None
         payload = parse_json(await self.body(request))
         if op == "$match":
-            bundle = await run_in_threadpool(self.identity.match, ctx, payload)
+            bundle = await in_thread(self.identity.match, ctx, payload)
             return self.json(request, 200, orjson.dumps(bundle))
         values = parameter_values(payload)
         if op == "$merge":
@@ -374,9 +394,9 @@ class FhirApi:
             target = values.get("target-patient", "").removeprefix("Patient/")
             self.service.check_id(source or "-")
             self.service.check_id(target or "-")
-            outcome = await run_in_threadpool(self.identity.merge, ctx, source, target)
+            outcome = await in_thread(self.identity.merge, ctx, source, target)
         else:
-            outcome = await run_in_threadpool(self.identity.unmerge, ctx, values.get("merge", ""))
+            outcome = await in_thread(self.identity.unmerge, ctx, values.get("merge", ""))
         return self.json(request, 200, orjson.dumps(to_parameters(outcome)))
 
     async def audit_bundle(self, request: Request, ctx: Context, query: dict[str, str]) -> Response:
@@ -392,7 +412,7 @@ class FhirApi:
                 since = parse_range(query["since"].replace(" ", "+"))[0]
             except DateFormatError:
                 raise error(400, "invalid", "since không hợp lệ", "Invalid since") from None
-        events = await run_in_threadpool(guard.audit.events, query.get("patient"), query.get("actor"), since)
+        events = await in_thread(guard.audit.events, query.get("patient"), query.get("actor"), since)
         guard.on_access(ctx, AuditFacts("operation", patients={query["patient"]} if "patient" in query else set(),
                                         detail="audit trail read"))
         bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(events),
@@ -408,12 +428,12 @@ class FhirApi:
             raw = await self.body(request)
             if raw:
                 params += parameter_pairs(parse_json(raw))
-        job = await run_in_threadpool(self.exports.start, ctx, level, params)
+        job = await in_thread(self.exports.start, ctx, level, params)
         return Response(status_code=202, headers={"Content-Location": f"{ctx.base_url}/$export-poll-status?_jobId={job}"})
 
     async def export_file(self, request: Request) -> Response:
         ctx = await self.context(request)
-        data = await run_in_threadpool(self.exports.file, ctx, request.path_params["job"], request.path_params["name"])
+        data = await in_thread(self.exports.file, ctx, request.path_params["job"], request.path_params["name"])
         return Response(data, media_type="application/fhir+ndjson")
 
 
@@ -421,8 +441,8 @@ def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Reque
     """Content negotiation first: XML is refused with 406 until it is implemented."""
 
     async def wrapped(request: Request) -> Response:
-        fmt = request.query_params.get("_format")
-        accept = request.headers.get("accept", "")
+        fmt = request.query_params.get("_format") if request.scope.get("query_string") else None
+        accept = _header(request.scope, b"accept") or ""
         if fmt is not None:
             if fmt.split(";")[0].strip() in _XML_TYPES:
                 raise error(406, "not-supported", "Chưa hỗ trợ XML", "XML is not supported yet; use _format=json")
@@ -434,6 +454,22 @@ def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Reque
         return await handler(request)
 
     return wrapped
+
+
+@lru_cache(maxsize=4096)
+def _http_date(seconds: int) -> str:
+    """Last-Modified has whole seconds, and the same resources are read again and again: formatting
+    the date was a tenth of `respond`."""
+    return format_http_date(seconds * 1_000_000)
+
+
+def _header(scope: Any, name: bytes) -> str | None:
+    """The first value of a header (name in lower case, as ASGI gives them), like `Headers.get`
+    without building the mapping or raising KeyError for the usual absent ones."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _accepts_json(accept: str) -> bool:
@@ -508,14 +544,13 @@ def build_app(service: FhirService, settings: ApiSettings | None = None,
         api.operations += exchange_api.operations()
     if auth is not None:
         all_routes = AuthApi(auth, api.base_context).routes() + all_routes
-    middleware = [Middleware(SecurityHeaders)]
+    middleware = [Middleware(ResponseGuard)]  # outermost: sees the answer as it leaves, CORS headers included
     if settings.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                      allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                                      allow_headers=["Authorization", "Content-Type", "Prefer", "If-Match",
                                                     "If-None-Exist"],
                                      expose_headers=["Location", "ETag", "Content-Location", "Last-Modified"]))
-    middleware.append(Middleware(AuditBarrier))
     app = Starlette(routes=all_routes, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware)
     app.state.api = api
     api.exports.resume()
@@ -524,40 +559,21 @@ def build_app(service: FhirService, settings: ApiSettings | None = None,
 
 Send = Callable[[Any], Awaitable[None]]
 
-
-class _SendFilter(ABC):
-    """ASGI middleware that sees every outgoing message of an HTTP request through `filter`."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        await self.app(scope, receive, self.filter(scope, send))
-
-    @abstractmethod
-    def filter(self, scope: Any, send: Send) -> Send:
-        """Wrap `send` for one request."""
+_SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"), (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"))
+_SECURITY_NAMES = frozenset(name for name, _ in _SECURITY_HEADERS)
 
 
-class SecurityHeaders(_SendFilter):
-    """Security headers on every response; clinical data is never cached by browsers or proxies."""
-
-    _HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-                (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store"),
-                (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"))
-
-    def filter(self, scope: Any, send: Send) -> Send:
-        async def send_with_headers(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                present = {k.lower() for k, _ in message.get("headers", [])}
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [h for h in self._HEADERS if h[0] not in present]
-            await send(message)
-
-        return send_with_headers
+def _with_security_headers(headers: Any) -> list[tuple[bytes, bytes]]:
+    """The response's headers plus every security header it does not set itself."""
+    out = list(headers)
+    present = {k.lower() for k, _ in out if k.lower() in _SECURITY_NAMES} if out else ()
+    if present:
+        out += [h for h in _SECURITY_HEADERS if h[0] not in present]
+    else:
+        out += _SECURITY_HEADERS
+    return out
 
 
 class _LoopNotifier(BatchNotifier):
@@ -588,21 +604,30 @@ class _RequestWaits(AuditWaits):
         self.future: asyncio.Future[None] | None = None
 
 
-class AuditBarrier(_SendFilter):
-    """No response leaves before the audit records of its request are committed.
+class ResponseGuard:
+    """Every HTTP response gets the security headers, and none leaves before its audit records are committed.
 
-    Why at the ASGI level: every route (FHIR, auth, exchange) records through the same context, and
-    holding back `http.response.start` means no byte of clinical data is sent on an unwritten record.
-    The records are group-committed, so concurrent requests share one audit transaction, and the
-    requests of a batch are woken together (`_LoopNotifier`). If the commit fails, the client gets a
-    500 OperationOutcome instead of the data.
+    Security headers: clinical data is never cached by browsers or proxies, framed or sniffed.
+
+    Audit barrier, at the ASGI level because every route (FHIR, auth, exchange) records through the
+    same context, and holding back `http.response.start` means no byte of clinical data is sent on an
+    unwritten record. The records are group-committed, so concurrent requests share one audit
+    transaction, and the requests of a batch are woken together (`_LoopNotifier`). If the commit
+    fails, the client gets a 500 OperationOutcome instead of the data (keeping the CORS headers the
+    withheld answer had, so a browser can read it).
+
+    Why one middleware for both: each ASGI layer costs a call, a closure and an awaited send per
+    message on every request; the two were always applied together, outermost.
     """
 
     def __init__(self, app: Any) -> None:
-        super().__init__(app)
+        self.app = app
         self._notifier: _LoopNotifier | None = None
 
-    def filter(self, scope: Any, send: Send) -> Send:
+    async def __call__(self, scope: Any, receive: Any, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         loop = asyncio.get_running_loop()
         notifier = self._notifier
         if notifier is None or notifier.loop is not loop:
@@ -611,23 +636,32 @@ class AuditBarrier(_SendFilter):
         scope[AUDIT_WAITS] = waits
         failed = False
 
-        async def send_when_audited(message: Any) -> None:
+        async def guarded_send(message: Any) -> None:
             nonlocal failed
-            if message["type"] == "http.response.start" and waits.expected:
-                if not waits.done:
-                    waits.future = loop.create_future()
-                    await waits.future
-                if waits.error is not None:
-                    log.error("audit commit failed; the response is withheld", exc_info=waits.error)
-                    failed = True
-                    outcome = operation_outcome([OutcomeIssue(
-                        "fatal", "exception", "Không ghi được nhật ký kiểm toán / The audit record could not be "
-                                              "written; nothing was returned")])
-                    await send({"type": "http.response.start", "status": 500,
-                                "headers": [(b"content-type", FHIR_JSON.encode())]})
-                    await send({"type": "http.response.body", "body": orjson.dumps(outcome)})
-                    return
-            if not failed:
-                await send(message)
+            if failed:
+                return
+            if message["type"] == "http.response.start":
+                if waits.expected:
+                    if not waits.done:
+                        waits.future = loop.create_future()
+                        await waits.future
+                    if waits.error is not None:
+                        failed = True
+                        await self._audit_failed(message, waits.error, send)
+                        return
+                message["headers"] = _with_security_headers(message.get("headers", ()))
+            await send(message)
 
-        return send_when_audited
+        await self.app(scope, receive, guarded_send)
+
+    @staticmethod
+    async def _audit_failed(withheld: Any, exc: BaseException, send: Send) -> None:
+        log.error("audit commit failed; the response is withheld", exc_info=exc)
+        outcome = operation_outcome([OutcomeIssue(
+            "fatal", "exception", "Không ghi được nhật ký kiểm toán / The audit record could not be "
+                                  "written; nothing was returned")])
+        cors = [(k, v) for k, v in withheld.get("headers", ()) if k.lower().startswith(b"access-control-")
+                or k.lower() == b"vary"]
+        await send({"type": "http.response.start", "status": 500,
+                    "headers": _with_security_headers([(b"content-type", FHIR_JSON.encode()), *cors])})
+        await send({"type": "http.response.body", "body": orjson.dumps(outcome)})

@@ -23,11 +23,11 @@ from urllib.parse import urlencode
 
 import orjson
 from sqlalchemy import delete, insert, select
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from lienthong.api.workers import in_thread
 from lienthong.fhir.datetimes import now_us
 from lienthong.fhir.outcome import FhirError, error
 from lienthong.interactions.context import Context
@@ -86,10 +86,10 @@ class AuthApi:
                 client_id, secret = _client_auth(request, form)
                 if not client_id or not secret:
                     return _oauth_error("invalid_client", "client_id and client_secret are required", 401)
-                result = await run_in_threadpool(self.auth.client_credentials, ctx, client_id, secret,
+                result = await in_thread(self.auth.client_credentials, ctx, client_id, secret,
                                                  _opt(form.get("scope")))
             elif grant == "authorization_code":
-                result = await run_in_threadpool(self._exchange_code, ctx, form)
+                result = await in_thread(self._exchange_code, ctx, form)
             else:
                 return _oauth_error("unsupported_grant_type", "use client_credentials or authorization_code")
         except FhirError as exc:
@@ -133,7 +133,7 @@ class AuthApi:
             return HTMLResponse(f"<p>{html.escape(problem)}</p>", status_code=400)
         ctx: Context = self.context(request)
         try:
-            user = await run_in_threadpool(self.auth.check_password, ctx, str(form.get("username", "")),
+            user = await in_thread(self.auth.check_password, ctx, str(form.get("username", "")),
                                            str(form.get("password", "")))
         except FhirError as exc:
             return HTMLResponse(_login_page(params, str(exc)), status_code=401)
@@ -150,21 +150,21 @@ class AuthApi:
         form = await request.form()
         token = str(form.get("token", ""))
         try:
-            claims = await run_in_threadpool(self.auth.tokens.verify, token)
+            claims = await in_thread(self.auth.tokens.verify, token)
         except TokenError:  # RFC 7009: unknown or invalid tokens also get 200
             return Response(status_code=200)
-        await run_in_threadpool(self.auth.tokens.revoke, claims)
+        await in_thread(self.auth.tokens.revoke, claims)
         return Response(status_code=200)
 
     async def logout(self, request: Request) -> Response:
         ctx: Context = self.context(request)
-        principal = await run_in_threadpool(self.auth.principal, ctx, request.headers.get("authorization"))
+        principal = await in_thread(self.auth.principal, ctx, request.headers.get("authorization"))
         ctx.principal = principal
-        await run_in_threadpool(self.auth.revoke, ctx, principal)
+        await in_thread(self.auth.revoke, ctx, principal)
         return Response(status_code=204)
 
     async def jwks(self, request: Request) -> Response:
-        return JSONResponse(await run_in_threadpool(self.auth.tokens.jwks))
+        return JSONResponse(await in_thread(self.auth.tokens.jwks))
 
     async def smart_configuration(self, request: Request) -> Response:
         root = str(request.base_url).rstrip("/")

@@ -11,12 +11,12 @@ import logging
 from typing import Any
 
 import orjson
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lienthong.api.parameters import parameter_values, to_parameters
+from lienthong.api.workers import in_thread
 from lienthong.exchange import transfer as tr
 from lienthong.exchange.query import answers_bundle
 from lienthong.exchange.registry import Facility
@@ -47,7 +47,7 @@ class ExchangeApi:
             log.info("exchange: %s %s: peer disconnected before the body was complete", request.method, request.url.path)
             return JSONResponse({"error": "incomplete-request"}, status_code=400)
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        reply = await run_in_threadpool(self.exchange.receiver.handle, request.method, target,
+        reply = await in_thread(self.exchange.receiver.handle, request.method, target,
                                         dict(request.headers), body)
         return Response(reply.body, status_code=reply.status, headers=reply.headers)
 
@@ -66,7 +66,7 @@ class ExchangeApi:
             transport=values.get("transport", ""), escort_name=values.get("escortName", ""),
             escort_title=values.get("escortTitle", ""), patient_request=values.get("patientRequest") == "true",
             chronic=values.get("chronic") == "true")
-        result = await run_in_threadpool(self.exchange.start_transfer, ctx, patient_id, slip)
+        result = await in_thread(self.exchange.start_transfer, ctx, patient_id, slip)
         response: Response = self.api.json(request, 200, orjson.dumps(to_parameters({k: str(v) for k, v in result.items()})))
         return response
 
@@ -81,7 +81,7 @@ class ExchangeApi:
                        "description": values["outcome"][:4000],
                        "content": [{"attachment": {"contentType": "text/plain; charset=utf-8",
                                                    "title": "Tóm tắt ra viện / Discharge summary"}}]}
-        result = await run_in_threadpool(self.exchange.update_transfer, ctx, values.get("package", ""),
+        result = await in_thread(self.exchange.update_transfer, ctx, values.get("package", ""),
                                          values.get("step", ""), values.get("reason"), outcome)
         response: Response = self.api.json(request, 200, orjson.dumps(to_parameters({k: str(v) for k, v in result.items()})))
         return response
@@ -91,7 +91,7 @@ class ExchangeApi:
         ctx = await self.api.context(request)
         facilities = [c.strip() for v in request.query_params.getlist("facility") for c in v.split(",") if c.strip()]
         purpose = request.query_params.get("purpose", "TREAT")
-        answers = await run_in_threadpool(self.exchange.queries.fetch, ctx, request.path_params["rid"], facilities,
+        answers = await in_thread(self.exchange.queries.fetch, ctx, request.path_params["rid"], facilities,
                                           purpose)
         status, bundle = answers_bundle(answers)
         response: Response = self.api.json(request, status, orjson.dumps(bundle))
@@ -110,11 +110,11 @@ class ExchangeApi:
                 facility = Facility(**{k: v for k, v in data.items() if k != "has_certificate"})
             except TypeError as exc:
                 raise error(400, "invalid", "Trường không hợp lệ", str(exc)) from None
-            await run_in_threadpool(registry.upsert, facility)
+            await in_thread(registry.upsert, facility)
             self._audit(ctx, f"registry: facility {facility.code} saved ({facility.clearance})")
             return JSONResponse(facility.to_json(), status_code=201)
         self.exchange.service.guard.authorize(ctx, "search", "Organization")
-        items = await run_in_threadpool(registry.list)
+        items = await in_thread(registry.list)
         return JSONResponse([f.to_json() for f in items])
 
     async def clearance(self, request: Request) -> Response:
@@ -124,7 +124,7 @@ class ExchangeApi:
         if not isinstance(data, dict):
             raise error(400, "invalid", "Cần một đối tượng JSON", "Expected a JSON object")
         code = request.path_params["code"]
-        facility = await run_in_threadpool(self.exchange.registry.set_clearance, code, str(data.get("status", "")),
+        facility = await in_thread(self.exchange.registry.set_clearance, code, str(data.get("status", "")),
                                            data.get("date"), data.get("reference"))
         self._audit(ctx, f"clearance of {code}: {facility.clearance} {facility.clearance_date} {facility.clearance_ref}")
         return JSONResponse(facility.to_json())
@@ -136,7 +136,7 @@ class ExchangeApi:
         system, sep, value = ident.partition("|")
         if not sep or not system or not value:
             raise error(400, "invalid", "identifier cần dạng hệ|giá-trị", "identifier must be system|value")
-        facilities = await run_in_threadpool(self.exchange.locate, system, value)
+        facilities = await in_thread(self.exchange.locate, system, value)
         return JSONResponse({"identifier": ident, "facilities": facilities})
 
     def _admin(self, ctx: Any) -> None:

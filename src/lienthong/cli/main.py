@@ -99,13 +99,14 @@ def serve(
     os.environ["LIENTHONG_APP_DB"] = db or ""
     os.environ["LIENTHONG_APP_SECURE"] = "0" if insecure_dev else "1"
     os.environ["LIENTHONG_APP_SETTINGS"] = settings.to_json()
+    # Access lines are INFO, never shown at this level; without access_log uvicorn also skips building them.
     if workers > 1:
         uvicorn.run("lienthong.node:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning")
+                    log_level="warning", access_log=False)
     else:
         from lienthong.node import app_from_env
 
-        uvicorn.run(app_from_env(), host=host, port=port, log_level="warning")
+        uvicorn.run(app_from_env(), host=host, port=port, log_level="warning", access_log=False)
 
 
 def _require_configured(engine: object) -> None:
