@@ -211,7 +211,8 @@ def _postgres_batch(records: Sequence[AuditRecord]) -> str:
     """A batch as the JSON document the append function of migration 0008 reads."""
     return orjson.dumps([{"recorded": rec.recorded, "actor": rec.actor, "facility": rec.facility,
                           "action": rec.action, "outcome": str(rec.outcome), "body": body.decode(),
-                          "patients": patient_ids} for rec, body, patient_ids in _serialised(records)]).decode()
+                          "patients": patient_ids, "joined": ",".join(patient_ids)}
+                         for rec, body, patient_ids in _serialised(records)]).decode()
 
 
 def _stamped(body: bytes, seq: int) -> bytes:

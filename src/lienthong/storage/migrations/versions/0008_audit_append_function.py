@@ -9,7 +9,9 @@ inserts, head update, BEGIN/COMMIT) with the chain computed in the client betwee
 round trips and about 1 ms of driver work per batch, and every read waits for its batch. The function
 takes the head lock, chains and inserts the records, and moves the head, so a batch is one statement.
 It computes exactly `security.audit._chain` (checked by `AuditTrail.verify`, which recomputes it in
-Python): sha256(prev | seq | recorded | actor | facility | action | outcome | patients | + sha256(body)).
+Python): sha256(prev | seq | recorded | actor | facility | action | outcome | patients | + sha256(body)),
+with `joined` the record's sorted patient ids joined by commas as the client sends them (joining them
+here cost a fifth of the call) and `patients` the same ids as an array, one audit_patient row each.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ DECLARE
 BEGIN
     SELECT seq, hash INTO head_seq, head_hash FROM audit_head WHERE id = 1 FOR UPDATE;
     FOR r IN SELECT * FROM json_to_recordset(batch) AS x(recorded bigint, actor text, facility text, action text,
-                                                         outcome text, body text, patients json)
+                                                         outcome text, body text, patients json,
+                                                         joined text)
     LOOP
         head_seq := head_seq + 1;
         -- the AuditEvent's id is its sequence number, appended as the body's last member
@@ -42,8 +45,7 @@ BEGIN
         digest := encode(sha256(convert_to(
             head_hash || '|' || head_seq || '|' || r.recorded || '|' || coalesce(r.actor, '') || '|' ||
             coalesce(r.facility, '') || '|' || r.action || '|' || r.outcome || '|' ||
-            coalesce((SELECT string_agg(p, ',' ORDER BY n) FROM json_array_elements_text(r.patients)
-                      WITH ORDINALITY AS e(p, n)), '') || '|', 'UTF8') || sha256(stamped)), 'hex');
+            r.joined || '|', 'UTF8') || sha256(stamped)), 'hex');
         INSERT INTO audit_log (seq, recorded, actor, facility, action, outcome, body, prev_hash, hash)
         VALUES (head_seq, r.recorded, r.actor, r.facility, r.action, r.outcome, stamped, head_hash, digest);
         INSERT INTO audit_patient (seq, patient_id)
