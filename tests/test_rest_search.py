@@ -773,10 +773,12 @@ def test_paging_is_stable_while_others_write(client: TestClient) -> None:
 
 def test_default_order_snapshot_is_continued_on_demand_without_repeats_or_skips(
         client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without _sort a snapshot holds its first SNAPSHOT_CHUNK ids and is continued from its last id when a
-    page needs more. Between pages: a new match, an update of a listed and of a not yet listed match, and
-    a delete of a not yet listed one. Each match is listed once; the total appears once the end is known."""
+    """Without _sort a snapshot holds the SNAPSHOT_FIRST ids read first and is continued from its last id
+    (SNAPSHOT_CHUNK at a time) when a page needs more. Between pages: a new match, an update of a listed
+    and of a not yet listed match, and a delete of a not yet listed one. Each match is listed once; the
+    total appears once the end is known."""
     monkeypatch.setattr("lienthong.interactions.service.SNAPSHOT_CHUNK", 4)
+    monkeypatch.setattr("lienthong.interactions.service.SNAPSHOT_FIRST", 4)
     original = [f"ch{i:02d}" for i in range(11)]
     for rid in original:
         put(client, patient(rid, "Chử", gender="male"))

@@ -32,9 +32,10 @@ from lienthong.storage.repository import JSON, Database, Store, Stored
 from lienthong.storage.search_sql import build_select
 
 SNAPSHOT_LIMIT = 10_000  # result ids kept per paged search; deeper pages are refused with a clear message
-# A search in the default order (res_pk) snapshots this many ids at first and the next ones when a page
-# needs them (see `_extend`); an explicit _sort takes all SNAPSHOT_LIMIT at once.
+# A search in the default order (res_pk) snapshots the ids of its first page, then this many more (or what a
+# page asks for) each time a page needs them (see `_extend`); an explicit _sort takes all SNAPSHOT_LIMIT at once.
 SNAPSHOT_CHUNK = 1_000
+SNAPSHOT_FIRST = 200  # ids a search in the default order reads at first (its first pages and its total if small)
 SNAPSHOT_TTL_US = 3_600_000_000  # one hour
 # A snapshot's (res_pk, version) keys, packed into one value: inserting 10,000 rows per first page of a
 # population-wide search cost more than the search itself; a page reads its slice with substr().
@@ -398,29 +399,31 @@ class FhirService:
             bundle = {"resourceType": "Bundle", "type": "searchset", "total": counted,
                       "link": [{"relation": "self", "url": _url(base, query.self_params)}]}
             return Result(200, resource=bundle)
-        rows = store.execute(stmt.limit(query.count + 1 + query.offset)).all()
-        keys = [(r[0], r[1]) for r in rows]
+        wanted = query.count + 1 + query.offset
+        if not query.sort:  # a few pages ahead: small results get their total without a second query
+            wanted = max(wanted, SNAPSHOT_FIRST)
+        keys = [(r[0], r[1]) for r in store.execute(stmt.limit(wanted)).all()]
         total: int | None = None
         sid = None
-        if len(keys) <= query.count + query.offset:
+        if len(keys) < wanted:
             total = len(keys)
-        else:
+        if len(keys) > query.count + query.offset:
             # Without _sort the order is res_pk alone, so the snapshot can be continued later from its last id
-            # (`_extend`); a sorted one cannot, because writes move resources across a sort key boundary.
-            resumable = not query.sort
-            limit = max(SNAPSHOT_CHUNK, query.offset + query.count + 1) if resumable else SNAPSHOT_LIMIT
-            limit = min(limit, SNAPSHOT_LIMIT)
-            keys = [(r[0], r[1]) for r in store.execute(stmt.limit(limit + 1)).all()]
-            complete = len(keys) <= limit
-            keys = keys[:limit]
-            if complete:
-                total = len(keys)
+            # (`_extend`): it starts with the ids just read, and the first page of a population-wide search
+            # costs one query. A sorted one cannot be continued, because writes move resources across a
+            # sort-key boundary: it takes all SNAPSHOT_LIMIT ids at once.
+            resume = None
+            if not query.sort and len(keys) < SNAPSHOT_LIMIT:
+                if total is None:
+                    resume = orjson.dumps({"type": query.resource_type, "types": types,
+                                           "params": query.self_params}).decode()
+            else:
+                keys = [(r[0], r[1]) for r in store.execute(stmt.limit(SNAPSHOT_LIMIT + 1)).all()]
+                if len(keys) <= SNAPSHOT_LIMIT:
+                    total = len(keys)
+                keys = keys[:SNAPSHOT_LIMIT]
             if query.total == "accurate" and total is None:
                 total = store.execute(select(func.count()).select_from(stmt.subquery())).scalar_one()
-            resume = None
-            if resumable and not complete and limit < SNAPSHOT_LIMIT:
-                resume = orjson.dumps({"type": query.resource_type, "types": types,
-                                       "params": query.self_params}).decode()
             sid = self._snapshot(store, ctx, keys, _url(base, query.self_params), total, resume)
         page_keys = keys[query.offset : query.offset + query.count]
         return self._bundle(store, ctx, query, base, page_keys, total, sid, query.offset, len(keys), ignored)
