@@ -468,7 +468,7 @@ def _header(scope: Any, name: bytes) -> str | None:
     without building the mapping or raising KeyError for the usual absent ones."""
     for key, value in scope["headers"]:
         if key == name:
-            return str(value.decode("latin-1"))
+            return value.decode("latin-1")  # type: ignore[no-any-return]
     return None
 
 
@@ -562,18 +562,13 @@ Send = Callable[[Any], Awaitable[None]]
 _SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
     (b"cache-control", b"no-store"), (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"))
-_SECURITY_NAMES = frozenset(name for name, _ in _SECURITY_HEADERS)
 
 
 def _with_security_headers(headers: Any) -> list[tuple[bytes, bytes]]:
     """The response's headers plus every security header it does not set itself."""
     out = list(headers)
-    present = {k.lower() for k, _ in out if k.lower() in _SECURITY_NAMES} if out else ()
-    if present:
-        out += [h for h in _SECURITY_HEADERS if h[0] not in present]
-    else:
-        out += _SECURITY_HEADERS
-    return out
+    present = {k.lower() for k, _ in out}
+    return out + [h for h in _SECURITY_HEADERS if h[0] not in present]
 
 
 class _LoopNotifier(BatchNotifier):

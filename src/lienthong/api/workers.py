@@ -15,6 +15,7 @@ import contextvars
 import threading
 from collections.abc import Callable
 from contextlib import suppress
+from functools import partial
 from queue import SimpleQueue
 from typing import Any, ParamSpec, TypeVar
 
@@ -54,7 +55,7 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         if kwargs:
-            fn = _with_kwargs(fn, kwargs)  # type: ignore[assignment]
+            fn = partial(fn, **kwargs)
         start = False
         with self._lock:
             if self._idle:
@@ -87,13 +88,6 @@ class WorkerPool:
                     self._backlog -= 1
                 else:
                     self._idle += 1
-
-
-def _with_kwargs(fn: Callable[..., T], kwargs: dict[str, Any]) -> Callable[..., T]:
-    def call(*args: Any) -> T:
-        return fn(*args, **kwargs)
-
-    return call
 
 
 POOL = WorkerPool()

@@ -32,8 +32,8 @@ from lienthong.storage.repository import JSON, Database, Store, Stored
 from lienthong.storage.search_sql import build_select
 
 SNAPSHOT_LIMIT = 10_000  # result ids kept per paged search; deeper pages are refused with a clear message
-# A search in the default order (res_pk) snapshots the ids of its first page, then this many more (or what a
-# page asks for) each time a page needs them (see `_extend`); an explicit _sort takes all SNAPSHOT_LIMIT at once.
+# A search in the default order (res_pk) snapshots the SNAPSHOT_FIRST ids it read, then this many more (or what
+# a page asks for) each time a page needs them (see `_extend`); an explicit _sort takes all SNAPSHOT_LIMIT at once.
 SNAPSHOT_CHUNK = 1_000
 SNAPSHOT_FIRST = 200  # ids a search in the default order reads at first (its first pages and its total if small)
 SNAPSHOT_TTL_US = 3_600_000_000  # one hour
@@ -449,15 +449,15 @@ class FhirService:
         ss, sid = schema.search_set, query.getpages or ""
         size = _SNAPSHOT_KEY.size
         mine = ss.c.owner.is_(None) if ctx.actor is None else ss.c.owner == self._owner(ctx)
-        found = store.execute(select(ss.c.total, ss.c.resume, func.length(ss.c.entries))
+        page = func.substr(ss.c.entries, query.offset * size + 1, query.count * size)
+        found = store.execute(select(ss.c.total, ss.c.resume, func.length(ss.c.entries), page)
                               .where(ss.c.sid == sid, mine)).first()
         if found is None:  # expired, or another caller's search: the same answer either way
             raise error(410, "not-found", "Trang kết quả đã hết hạn", "This search result has expired; search again")
-        total, resume, stored = found[0], found[1], int(found[2] or 0) // size
+        total, resume, stored, data = found[0], found[1], int(found[2] or 0) // size, found[3]
         if resume is not None and query.offset + query.count >= stored:  # this page, or the next link, needs more
             total, stored = self._extend(ctx, sid, resume, query.offset + query.count + 1)
-        data = store.execute(select(func.substr(ss.c.entries, query.offset * size + 1, query.count * size))
-                             .where(ss.c.sid == sid)).scalar_one()
+            data = store.execute(select(page).where(ss.c.sid == sid)).scalar_one()
         return self._bundle(store, ctx, query, base, _unpack_keys(bytes(data or b"")), total, sid, query.offset,
                             stored, [])
 

@@ -227,8 +227,8 @@ class DedicatedWriter:
         """A driver cursor inside a transaction that commits when the block ends and rolls back if it raises.
 
         `single_statement`: the block runs exactly one statement. On PostgreSQL that statement then runs in
-        autocommit mode, prepared once, and is its own transaction: one round trip, where BEGIN, the
-        statement and COMMIT cost three."""
+        autocommit mode and is its own transaction: one round trip, where BEGIN, the statement and COMMIT
+        cost three."""
         queued = self._lock.acquire(timeout=_BUSY_SECONDS) if self._lock is not None else False
         try:
             conn = self._connection()
