@@ -45,6 +45,7 @@ class Component:
     code: str  # the component parameter's code, for messages
     type: str
     evaluate: Callable[[Node], list[Node]]
+    definition: str = ""  # URL of the parameter this component is
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class SearchParam:
 
     def component_key(self, index: int) -> int:
         return _cached_key(self.resource_type, f"{self.code}${index}")
+
+    @property
+    def codes_a_quantity(self) -> bool:
+        """A token$quantity composite (code-value-quantity and its kind): besides its component rows it has
+        one `coded_quantity` row per code and value that share an element, so a search reads one index range."""
+        return self.type == "composite" and tuple(c.type for c in self.components) == ("token", "quantity")
 
     @property
     def identifier_key(self) -> int:
@@ -89,6 +96,9 @@ class IndexRows:
     )
     uri: list[tuple[int, int | None, str]] = field(default_factory=list)
     reference: list[tuple[int, int | None, str | None, str | None, str | None]] = field(default_factory=list)
+    # (key, grp, code's system, code, value, unit system, unit code, unit): token$quantity composites only
+    coded_quantity: list[tuple[int, int | None, str | None, str | None, float, str | None, str | None, str | None]] = (
+        field(default_factory=list))
 
     def references(self) -> list[tuple[str, str]]:
         return [(t, i) for _, _, t, i, _ in self.reference if t and i]
@@ -131,6 +141,23 @@ class SearchRegistry:
                         components=components,
                         description=sp.get("description", ""),
                     )
+        self.fusible = {t: self._fusible(params) for t, params in self.by_type.items()}
+
+    @staticmethod
+    def _fusible(params: dict[str, SearchParam]) -> dict[tuple[str, str], SearchParam]:
+        """(token code, quantity code) -> the token$quantity composite that says the same when both are given.
+
+        Exact when the composite's element is the resource itself and its components are those very parameters:
+        its pairs are then every code of the resource with every value, so "some code matches and some value
+        matches" is "some pair matches", and the search can read the composite's one index range."""
+        out: dict[tuple[str, str], SearchParam] = {}
+        for p in params.values():
+            if not p.codes_a_quantity or p.expression.strip() != p.resource_type:
+                continue
+            token, quantity = p.components
+            if all(params.get(c.code) is not None and params[c.code].url == c.definition for c in p.components):
+                out[(token.code, quantity.code)] = p
+        return out
 
     @staticmethod
     def _components(sp: dict[str, Any], by_url: dict[str, Any], fast: bool) -> tuple[Component, ...]:
@@ -141,7 +168,8 @@ class SearchRegistry:
             target = by_url.get(comp["definition"])
             if target is None:
                 raise UnsupportedExpression(f"component {comp['definition']}")
-            out.append(Component(target["code"], target["type"], compile_relative(comp["expression"], fast)))
+            out.append(Component(target["code"], target["type"], compile_relative(comp["expression"], fast),
+                                 comp["definition"]))
         return tuple(out)
 
     def params(self, resource_type: str) -> dict[str, SearchParam]:
@@ -171,11 +199,18 @@ class SearchRegistry:
             if not nodes:
                 continue
             if components:
+                coded = param.codes_a_quantity
                 for grp, node in enumerate(nodes):
+                    first_token, first_quantity = len(rows.token), len(rows.quantity)
                     for comp_adder, comp_key, evaluate in components:
                         if comp_adder is not None:
                             for value in evaluate(node):
                                 comp_adder(rows, comp_key, grp, value, None)
+                    if coded:
+                        rows.coded_quantity.extend(
+                            (key, grp, t[2], t[3], q[2], q[3], q[4], q[5])
+                            for t in rows.token[first_token:] if t[2] is not None or t[3] is not None
+                            for q in rows.quantity[first_quantity:])
             elif adder is not None:
                 for node in nodes:
                     adder(rows, key, None, node, param)

@@ -187,6 +187,8 @@ class QueryParser:
                 if strict:
                     raise FhirError(400, [issue]) from None
                 ignored.append(issue)
+        if resource_type is not None and self.registry.fusible.get(resource_type):
+            query.criteria = fuse_code_and_quantity(query.criteria, self.registry.fusible[resource_type])
         return query, ignored
 
     def _one(self, query: SearchQuery, name: str, raw: str) -> None:
@@ -370,6 +372,32 @@ class QueryParser:
         if ptype == "reference":
             return _reference(name, raw, modifier)
         raise _Unknown(f"Không hỗ trợ kiểu tham số '{ptype}' / Unsupported parameter type '{ptype}'")
+
+
+MAX_FUSED_ALTERNATIVES = 64
+
+
+def fuse_code_and_quantity(criteria: list[Criterion],
+                           fusible: dict[tuple[str, str], SearchParam]) -> list[Criterion]:
+    """`code=A,B&value-quantity=gtV` as the composite `code-value-quantity=A$gtV,B$gtV`: the same resources.
+
+    Why: on a large database the two separate criteria each match a large set (every Observation with the
+    code; every value above V in any code), and intersecting them costs a probe per member, where the
+    composite reads one index range. `fusible` holds only composites for which the rewrite is exact (see
+    SearchRegistry._fusible). Only plain criteria are fused; the first pair found, once."""
+    def plain(c: Criterion, ptype: str) -> bool:
+        return (c.type == ptype and c.param is not None and c.modifier is None and c.missing is None
+                and c.chain is None and bool(c.values))
+
+    for (token_code, quantity_code), composite in fusible.items():
+        token = next((c for c in criteria if plain(c, "token") and c.code == token_code), None)
+        quantity = next((c for c in criteria if plain(c, "quantity") and c.code == quantity_code), None)
+        if token is None or quantity is None or len(token.values) * len(quantity.values) > MAX_FUSED_ALTERNATIVES:
+            continue
+        fused = Criterion(token.resource_type, composite.code, "composite", param=composite,
+                          values=[CompositeValue((t, q)) for t in token.values for q in quantity.values])
+        criteria = [fused if c is token else c for c in criteria if c is not quantity]
+    return criteria
 
 
 class _Unknown(Exception):

@@ -58,7 +58,8 @@ resource_version = Table(
 
 
 def _index_table(
-    name: str, *columns: Column[object], indexes: list[tuple[str, ...]], pattern: tuple[str, ...] = ()
+    name: str, *columns: Column[object], indexes: list[tuple[str, ...]], pattern: tuple[str, ...] = (),
+    include: tuple[str, ...] = (),
 ) -> Table:
     table = Table(
         name,
@@ -72,7 +73,8 @@ def _index_table(
     for cols in indexes:
         # PostgreSQL needs text_pattern_ops for LIKE 'prefix%' to use the index under any collation.
         ops = {c: "text_pattern_ops" for c in cols if c in pattern}
-        Index(f"ix_{name}_{'_'.join(cols)}", *[table.c[c] for c in cols], postgresql_ops=ops)
+        Index(f"ix_{name}_{'_'.join(cols)}", *[table.c[c] for c in cols], postgresql_ops=ops,
+              postgresql_include=list(include))
     return table
 
 
@@ -88,7 +90,8 @@ sp_token = _index_table(
     Column("system", String(255), nullable=True),
     Column("code", String(255), nullable=True),
     Column("text", String(255), nullable=True),
-    indexes=[("pkey", "code", "system"), ("pkey", "text")],
+    # res_pk last: the rows of one code come in resource order and straight from the index (no heap visit)
+    indexes=[("pkey", "code", "system", "res_pk"), ("pkey", "text")],
     pattern=("text",),
 )
 sp_date = _index_table(
@@ -109,6 +112,19 @@ sp_quantity = _index_table(
     Column("code", String(255), nullable=True),
     Column("unit", String(255), nullable=True),
     indexes=[("pkey", "value")],
+)
+# token$quantity composites (code-value-quantity): a code and a value of the same element in one row, so that
+# "this code, above this value" is one range of (pkey, tcode, value) instead of a join of two large sets.
+sp_coded_quantity = _index_table(
+    "sp_coded_quantity",
+    Column("tsystem", String(255), nullable=True),
+    Column("tcode", String(255), nullable=True),
+    Column("value", Float, nullable=False),
+    Column("system", String(255), nullable=True),
+    Column("code", String(255), nullable=True),
+    Column("unit", String(255), nullable=True),
+    indexes=[("pkey", "tcode", "value")],
+    include=("res_pk", "tsystem", "system", "code", "unit"),  # PostgreSQL answers from the index alone
 )
 sp_uri = _index_table(
     "sp_uri",
@@ -131,6 +147,7 @@ INDEX_TABLES = {
     "quantity": sp_quantity,
     "uri": sp_uri,
     "reference": sp_reference,
+    "coded_quantity": sp_coded_quantity,  # not a parameter type: rows of token$quantity composites
 }
 
 # Search result snapshots: paging stays stable while others write.

@@ -30,14 +30,14 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _token_match(t: FromClause, v: TokenValue) -> ColumnElement[bool]:
+def _token_match(t: FromClause, v: TokenValue, code: str = "code", system: str = "system") -> ColumnElement[bool]:
     conds: list[ColumnElement[bool]] = []
     if v.code is not None:
-        conds.append(t.c.code == v.code)
+        conds.append(t.c[code] == v.code)
     if v.no_system:
-        conds.append(t.c.system.is_(None))
+        conds.append(t.c[system].is_(None))
     elif v.system is not None:
-        conds.append(t.c.system == v.system)
+        conds.append(t.c[system] == v.system)
     return and_(*conds) if conds else true()
 
 
@@ -161,7 +161,6 @@ class CriteriaCompiler:
             return self._composite(crit, res)
         ptype = crit.type
         table = INDEX_TABLES["token" if crit.modifier in ("identifier", "of-type") else ptype]
-        key = param.identifier_key if crit.modifier in ("identifier", "of-type") else param.key
         if crit.missing is not None:
             present: ColumnElement[bool] = res.c.res_pk.in_(select(table.c.res_pk).where(table.c.pkey == param.key))
             if ptype == "reference":  # a logical reference (identifier only) is a value too
@@ -169,15 +168,23 @@ class CriteriaCompiler:
                 present = or_(present, res.c.res_pk.in_(
                     select(tokens.c.res_pk).where(tokens.c.pkey == param.identifier_key)))
             return not_(present) if crit.missing else present
-        ptype_for_match = "token" if crit.modifier in ("identifier", "of-type") else ptype
-        modifier = None if crit.modifier in ("not", "of-type", "identifier") else crit.modifier
-        if ptype == "reference" and crit.modifier and crit.modifier[:1].isupper():
-            modifier = None
-        matches = or_(*[_value_match(table, ptype_for_match, v, modifier) for v in crit.values])
-        sub = select(table.c.res_pk).where(table.c.pkey == key, matches)
+        sub = self.matching(crit)
         if crit.modifier == "not":
             return not_(res.c.res_pk.in_(sub))
         return res.c.res_pk.in_(sub)
+
+    @staticmethod
+    def matching(crit: Criterion) -> Select[Any]:
+        """res_pk of the index rows that match a plain criterion (`:not` negates it outside)."""
+        assert crit.param is not None
+        identifier = crit.modifier in ("identifier", "of-type")
+        table = INDEX_TABLES["token" if identifier else crit.type]
+        key = crit.param.identifier_key if identifier else crit.param.key
+        modifier = None if crit.modifier in ("not", "of-type", "identifier") else crit.modifier
+        if crit.type == "reference" and crit.modifier and crit.modifier[:1].isupper():
+            modifier = None
+        matches = or_(*[_value_match(table, "token" if identifier else crit.type, v, modifier) for v in crit.values])
+        return select(table.c.res_pk).where(table.c.pkey == key, matches)
 
     def _column_param(self, crit: Criterion, res: FromClause) -> ColumnElement[bool]:
         if crit.code == "_id":
@@ -228,6 +235,8 @@ class CriteriaCompiler:
             first = INDEX_TABLES[param.components[0].type]
             present = res.c.res_pk.in_(select(first.c.res_pk).where(first.c.pkey == param.component_key(0)))
             return not_(present) if crit.missing else present
+        if param.codes_a_quantity:
+            return self._coded_quantity(crit, res)
         alternatives = []
         for value in crit.values:
             assert isinstance(value, CompositeValue)
@@ -241,6 +250,21 @@ class CriteriaCompiler:
                     conds.append(alias.c.grp == aliases[0].c.grp)
             alternatives.append(res.c.res_pk.in_(select(aliases[0].c.res_pk).where(*conds)))
         return or_(*alternatives)
+
+    @staticmethod
+    def _coded_quantity(crit: Criterion, res: FromClause) -> ColumnElement[bool]:
+        """A token$quantity composite from its paired rows: one index range per alternative."""
+        assert crit.param is not None
+        table = INDEX_TABLES["coded_quantity"]
+        alternatives = []
+        for value in crit.values:
+            assert isinstance(value, CompositeValue)
+            token, quantity = value.parts
+            assert isinstance(token, TokenValue)
+            alternatives.append(and_(_token_match(table, token, "tcode", "tsystem"),
+                                     _value_match(table, "quantity", quantity, None)))
+        sub = select(table.c.res_pk).where(table.c.pkey == crit.param.key, or_(*alternatives))
+        return res.c.res_pk.in_(sub)
 
 
 def _sort_key(code: str, desc: bool, param: SearchParam | None, res: FromClause) -> Any:
@@ -271,6 +295,28 @@ def _sort_key(code: str, desc: bool, param: SearchParam | None, res: FromClause)
     return col.desc() if desc else col.asc()
 
 
+def _in_resource_order(query: SearchQuery) -> Criterion | None:
+    """In a population-wide search in the default order, a criterion whose matches the token index gives in
+    res_pk order: one code in one system.
+
+    Why: written as a join on its DISTINCT ids (not `IN`), the planner can walk that index in order, look up
+    each resource and stop at the page's LIMIT; as a semi-join it hashes every match first (PostgreSQL keeps
+    one way of making the ids unique, and the hash loses the order), so a population-wide code costs a
+    lookup per matching resource instead of per listed one. Not with `_sort` (no early stop), and not beside
+    a reference or `_id` criterion: those select few resources, and the semi-join lets the planner check the
+    code for each of them where the join would have to list every match of the code first."""
+    if query.sort or any(c.type in ("reference", "has") or c.code == "_id" or c.chain is not None
+                         for c in query.criteria):
+        return None
+    for crit in query.criteria:
+        if (crit.type == "token" and crit.param is not None and crit.modifier is None and crit.missing is None
+                and crit.chain is None and len(crit.values) == 1):
+            value = crit.values[0]
+            if isinstance(value, TokenValue) and value.code is not None and value.system is not None:
+                return crit
+    return None
+
+
 def build_select(query: SearchQuery, types: list[str] | None = None,
                  extra: ColumnElement[bool] | None = None,
                  restrict: Callable[[str | None, FromClause], ColumnElement[bool] | None] | None = None) -> Select[Any]:
@@ -283,12 +329,20 @@ def build_select(query: SearchQuery, types: list[str] | None = None,
     stmt = select(res.c.res_pk, res.c.version).where(res.c.deleted == false())
     if extra is not None:
         stmt = stmt.where(extra)
-    if query.resource_type is not None:
+    drive = _in_resource_order(query)
+    # The driving criterion's index key is the type's own (param_key), so a type test would add nothing but a
+    # misestimate: the planner would multiply both selectivities and expect too few rows to stop at the LIMIT.
+    typed_by_key = drive is not None and drive.param is not None and drive.param.resource_type == query.resource_type
+    if query.resource_type is not None and not typed_by_key:
         stmt = stmt.where(res.c.rtype == query.resource_type)
     elif types:
         stmt = stmt.where(res.c.rtype.in_(types))
+    if drive is not None:
+        ids = compiler.matching(drive).distinct().subquery()
+        stmt = stmt.select_from(res.join(ids, ids.c.res_pk == res.c.res_pk))
     for crit in query.criteria:
-        stmt = stmt.where(compiler.clause(crit, res))
+        if crit is not drive:
+            stmt = stmt.where(compiler.clause(crit, res))
     order = [_sort_key(code, desc, param, res) for code, desc, param in query.sort]
     order.append(res.c.res_pk.asc())
     return stmt.order_by(*order)
