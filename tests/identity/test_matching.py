@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lienthong.identity.matching import MatchModel, blocking_keys, candidate_pairs
-from lienthong.identity.records import PersonRecord, prepare
+from lienthong.identity.records import PersonRecord, prepare, prepare_against
 from lienthong.identity.synth import SyntheticRecord
 
 
@@ -76,6 +76,26 @@ def test_online_scoring_is_fast_and_sorted(population: list[SyntheticRecord], mo
         timings.append((time.process_time() - start) / len(candidates))
     assert min(timings) < 1e-3
     assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
+
+
+def test_the_online_table_scores_exactly_as_the_general_one(population: list[SyntheticRecord],
+                                                            model: MatchModel) -> None:
+    """`prepare_against` (codes only relative to the query) gives the levels, scores and decisions of
+    `prepare`, including missing fields, names entered the wrong way round and candidates equal to each other."""
+    records = [s.record for s in population]
+    swapped = PersonRecord("swapped", family=records[0].given, given=records[0].family,
+                           birth_date=records[0].birth_date)
+    empty_query = PersonRecord("sparse", full_name="Lê Văn Tám", birth_date="1990")
+    cases = [(records[k], [*records[k + 1 : k + 120], records[k + 1], swapped]) for k in range(0, 2400, 120)]
+    cases.append((empty_query, records[:50]))
+    for query, candidates in cases:
+        i = np.zeros(len(candidates), dtype=np.int64)
+        j = np.arange(1, len(candidates) + 1, dtype=np.int64)
+        general = model.score_pairs(prepare([query], candidates), i, j)
+        online = model.score_pairs(prepare_against(query, candidates), i, j)
+        assert np.array_equal(general.levels, online.levels)
+        assert np.array_equal(general.score, online.score)
+        assert np.array_equal(general.decision, online.decision)
 
 
 def test_blocking_keys_cover_both_generations() -> None:

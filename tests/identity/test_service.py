@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,41 @@ def test_a_rare_shared_key_outranks_a_crowded_block(client: TestClient) -> None:
     an = create(client, AN)
     bundle = match(client, patient("Nguyễn", "Văn An", "1980-05-12", "male", city="Lục Ngạn"))
     assert bundle["entry"] and bundle["entry"][0]["resource"]["id"] == an
+
+
+def test_candidates_are_the_best_ranked_persons_plus_every_identifier_hit(client: TestClient) -> None:
+    """The candidate statement (a LIMIT inside a UNION) returns what its definition says: the `limit` persons
+    with the highest sum of 1/(key size) over the shared keys, best first, and every person sharing an
+    identifier key even below the limit. Checked against that definition computed here from `mpi_block`."""
+    from sqlalchemy import select
+
+    from lienthong.identity.fhir_mapping import to_person
+    from lienthong.storage import schema
+
+    add_crowd(client, 60)
+    an = create(client, AN)
+    household = [create(client, patient("Trần", f"Thị {name}", f"1975-02-0{k + 1}", "female", phone="0912345678"))
+                 for k, name in enumerate(("Hoa", "Lan", "Mai", "Cúc", "Đào", "Huệ", "Sen", "Liên"))]
+    node = client.app.state.node  # type: ignore[attr-defined]
+    query = to_person(patient("Nguyễn", "Văn Anh", "1980-05-03", "male", cccd=AN_CCCD, phone="0912345678",
+                              city="Lục Ngạn"), "q")
+    keys = sorted({k[:160] for k in node.identity.model.blocking_keys(query)})
+    b = schema.mpi_block
+    with node.db.read() as store:
+        rows = store.execute(select(b.c.key, b.c.patient_id).where(b.c.key.in_(keys))).all()
+        found = [c.record_id for c in node.identity.candidates(store, query, limit=5)]
+    size: dict[str, int] = {}
+    for key, _ in rows:
+        size[key] = size.get(key, 0) + 1
+    weight: dict[str, float] = {}
+    for key, pid in rows:
+        weight[pid] = weight.get(pid, 0.0) + 1.0 / size[key]
+    ranked = sorted(weight, key=lambda pid: (-weight[pid], pid.encode()))
+    identified = {pid for key, pid in rows if key.split(":", 1)[0] in ("id", "ph")}
+    assert ranked[0] == an and identified == {an, *household}
+    assert len(identified - set(ranked[:5])) == 4  # tied sharers of the phone beyond the limit are taken too
+    assert set(found) == set(ranked[:5]) | identified and found[:5] == ranked[:5]
+    assert all(weight[a] >= weight[b] - 1e-9 for a, b in pairwise(found))
 
 
 def test_the_index_keeps_normalised_values_and_match_trusts_only_their_version(client: TestClient) -> None:

@@ -29,7 +29,7 @@ import numpy.typing as npt
 from rapidfuzz.distance import OSA, JaroWinkler
 from rapidfuzz.process import cpdist
 
-from lienthong.identity.records import PersonRecord, PreparedTable, derive, prepare
+from lienthong.identity.records import PersonRecord, PreparedTable, derive, prepare, prepare_against
 
 __all__ = [
     "FEATURES",
@@ -650,7 +650,7 @@ class MatchModel:
         """
         if not candidates:
             return []
-        t = prepare([record], candidates)
+        t = prepare_against(record, candidates)
         j = np.arange(1, len(candidates) + 1, dtype=np.int64)
         i = np.zeros(len(candidates), dtype=np.int64)
         scored = self.score_pairs(t, i, j)

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from functools import lru_cache
+from operator import itemgetter
 from typing import Final
 
 import numpy as np
@@ -193,6 +194,45 @@ class PreparedTable:
             )
         for col in INT_COLUMNS:
             self.ints[col] = np.array([r[col] for r in rows], dtype=np.int32)
+
+
+    @classmethod
+    def against_first(cls, ids: Sequence[str], rows: Sequence[dict[str, str | int]]) -> PreparedTable:
+        """A table whose only pairs are (0, j): one query (row 0) and the candidates scored against it.
+
+        Why: `$match` builds one per query (~100 rows) and numbering every column's values was most
+        of that; here a value's code says only whether it equals row 0's (0), is missing (-1), or differs
+        (its row number), which is all a comparison of (0, j) reads. Codes of two candidates are not
+        comparable; `score_pairs` on this table gives exactly what it gives on `PreparedTable(...)`.
+        """
+        t = cls.__new__(cls)
+        t.ids = list(ids)
+        t.n = n = len(t.ids)
+        t.source = np.zeros(n, dtype=np.int8)
+        t.rows = rows
+        t.strs, t.codes, t.ints = {}, {}, {}
+        columns = list(zip(*map(_ROW_VALUES, rows), strict=True))
+        own = np.arange(n, dtype=np.int32)
+        for col, values in zip(STRING_COLUMNS, columns, strict=False):
+            arr = np.empty(n, dtype=object)
+            arr[:] = values
+            t.strs[col] = arr
+            codes = np.where(arr == "", np.int32(-1), own)
+            if values[0]:
+                codes[arr == values[0]] = 0
+            t.codes[col] = codes
+        for col, ints in zip(INT_COLUMNS, columns[len(STRING_COLUMNS):], strict=True):
+            t.ints[col] = np.array(ints, dtype=np.int32)
+        return t
+
+
+_ROW_VALUES: Final = itemgetter(*STRING_COLUMNS, *INT_COLUMNS)
+
+
+def prepare_against(record: PersonRecord, candidates: Sequence[PersonRecord]) -> PreparedTable:
+    """`record` (row 0) and its candidates, for scoring the pairs (0, j) only (see `against_first`)."""
+    return PreparedTable.against_first([record.record_id, *(c.record_id for c in candidates)],
+                                       [derive(record), *map(derive, candidates)])
 
 
 def prepare(records: Iterable[PersonRecord], other: Iterable[PersonRecord] | None = None) -> PreparedTable:
