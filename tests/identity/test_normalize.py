@@ -82,3 +82,27 @@ def test_addresses_both_generations_share_the_new_commune_key() -> None:
     yen_phong = parse_address("Số 100 đường Nguyễn Văn Cừ, Xã Yên Phong, Tỉnh Bắc Ninh")
     assert yen_phong.generation == "2025" and yen_phong.street == "Số 100 đường Nguyễn Văn Cừ"
     assert yen_phong.commune_key == parse_address("Thị trấn Chờ, Huyện Yên Phong, Tỉnh Bắc Ninh").commune_key
+
+
+def test_the_shipped_commune_successors_are_the_converters_answers() -> None:
+    """The old-to-new commune table shipped with the package equals the converter's answer (a sample of
+    200 legacy communes, new ones spread over the country), for the installed vietnamadminunits version."""
+    import random
+
+    from lienthong.identity import admin_units as au
+
+    table = au._successor_table()
+    assert len(table) == len(au.admin_units().legacy_communes)  # the version matches: the table is used
+    for code in random.Random(7).sample(sorted(table), 200):
+        assert table[code] == au._convert_legacy_commune(code), code
+
+
+def test_a_commune_successor_table_of_another_package_version_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lienthong.identity import admin_units as au
+
+    monkeypatch.setattr(au, "version", lambda _name: "0.0.0")
+    au._successor_table.cache_clear()
+    try:
+        assert au._successor_table() == {}
+    finally:
+        au._successor_table.cache_clear()
