@@ -98,3 +98,18 @@ def test_where_resolve_on_raw_values() -> None:
         ref, = compile_expression(expr, fast=False)
         assert fast.plain is not None and ref.plain is None
         assert _nodes(fast.evaluate(resource)) == _nodes(ref.evaluate(resource)) != []
+
+
+def test_shape_cache_is_bounded_and_exact(resources: list[dict[str, Any]], reference: SearchRegistry) -> None:
+    """The per-shape plan cache answers like the uncached walk for new key orders and odd keys,
+    and stops growing at its bound (keys are the client's to choose)."""
+    from lienthong.fhir.search_params import _MAX_SHAPES
+
+    fresh = SearchRegistry(definitions.load())
+    observation = next(r for r in resources if r["resourceType"] == "Observation")
+    shuffled = dict(reversed(list(observation.items())))
+    for i in range(_MAX_SHAPES + 50):
+        variant = {**(shuffled if i % 2 else observation), f"x{i}": 1}
+        assert fresh.extract(variant) == reference.extract(variant)
+    assert len(fresh._plans["Observation"]._shapes) == _MAX_SHAPES
+    assert fresh.extract(shuffled) == reference.extract(observation)

@@ -101,6 +101,7 @@ class SearchRegistry:
         """`fast=False` compiles the general FHIRPath step evaluator only: the tests' reference."""
         self.by_type: dict[str, dict[str, SearchParam]] = {t: {} for t in defs.resource_types}
         self._plans: dict[str, _Plan] = {}
+        self.fast = fast
         self.unsupported: list[tuple[str, str]] = []
         by_url: dict[str, Any] = {sp["url"]: sp for sp in defs.search_parameters}
         for sp in defs.search_parameters:
@@ -152,21 +153,19 @@ class SearchRegistry:
 
     def extract(self, resource: dict[str, Any]) -> IndexRows:
         """Evaluate every parameter of the resource's type into index rows."""
-        rows = IndexRows()
-        present = set(resource)
-        present.update(CHOICE_KEYS[k][0] for k in resource if k in CHOICE_KEYS)
         rtype = resource.get("resourceType", "")
         plan = self._plans.get(rtype)
         if plan is None:
             plan = self._plans[rtype] = _Plan(self.by_type.get(rtype, {}))
-        wanted = set(plan.always)
-        for name in present:
-            wanted.update(plan.by_first.get(name, ()))
-        for index in sorted(wanted):  # in parameter order, as the rows have always come
-            paths, adder, key, param, components = plan.entries[index]
-            nodes: list[Node] = []
-            for path in paths:
-                if path.first is None or path.first in present:
+        if not self.fast:
+            return plan.extract_general(resource)
+        rows = IndexRows()
+        for paths, adder, key, param, components in plan.for_keys(tuple(resource)):
+            if len(paths) == 1:
+                nodes = paths[0].evaluate(resource)
+            else:
+                nodes = []
+                for path in paths:
                     nodes.extend(path.evaluate(resource))
             if not nodes:
                 continue
@@ -207,6 +206,66 @@ class _Plan:
                 self.always.append(index)
             for first in {f for f in firsts if f is not None}:
                 self.by_first.setdefault(first, []).append(index)
+        self._shapes: dict[tuple[str, ...], list[_PlanEntry]] = {}
+
+    def _present(self, keys: Any) -> set[str]:
+        """Top-level element names a resource has, choice elements under their base name too."""
+        present = set(keys)
+        present.update(CHOICE_KEYS[k][0] for k in keys if k in CHOICE_KEYS)
+        return present
+
+    def for_keys(self, keys: tuple[str, ...]) -> list[_PlanEntry]:
+        """The parameters a resource with these top-level keys can reach, each with only the paths
+        that can start in it, in parameter order; cached per key tuple.
+
+        Why: resources of one type come in a few shapes, and working this out for every resource
+        (sets of present names and wanted parameters, a sort, a membership test per path) was a
+        fifth of extraction. The cache is bounded, so hostile key sets cannot grow it."""
+        todo = self._shapes.get(keys)
+        if todo is not None:
+            return todo
+        present = self._present(keys)
+        wanted = set(self.always)
+        for name in present:
+            wanted.update(self.by_first.get(name, ()))
+        todo = []
+        for index in sorted(wanted):
+            paths, adder, key, param, components = self.entries[index]
+            reachable = tuple(p for p in paths if p.first is None or p.first in present)
+            if reachable and (adder is not None or components):
+                todo.append((reachable, adder, key, param, components))
+        if len(self._shapes) < _MAX_SHAPES:
+            self._shapes[keys] = todo
+        return todo
+
+    def extract_general(self, resource: dict[str, Any]) -> IndexRows:
+        """Extraction without the per-shape cache: the reference `for_keys` is tested against."""
+        rows = IndexRows()
+        present = self._present(resource)
+        wanted = set(self.always)
+        for name in present:
+            wanted.update(self.by_first.get(name, ()))
+        for index in sorted(wanted):  # in parameter order, as the rows have always come
+            paths, adder, key, param, components = self.entries[index]
+            nodes: list[Node] = []
+            for path in paths:
+                if path.first is None or path.first in present:
+                    nodes.extend(path.evaluate(resource))
+            if not nodes:
+                continue
+            if components:
+                for grp, node in enumerate(nodes):
+                    for comp_adder, comp_key, evaluate in components:
+                        if comp_adder is not None:
+                            for value in evaluate(node):
+                                comp_adder(rows, comp_key, grp, value, None)
+            elif adder is not None:
+                for node in nodes:
+                    adder(rows, key, None, node, param)
+        return rows
+
+
+_MAX_SHAPES = 512  # key tuples cached per resource type
 
 
 def _clip(text: str) -> str:
