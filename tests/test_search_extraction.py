@@ -113,3 +113,15 @@ def test_shape_cache_is_bounded_and_exact(resources: list[dict[str, Any]], refer
         assert fresh.extract(variant) == reference.extract(variant)
     assert len(fresh._plans["Observation"]._shapes) == _MAX_SHAPES
     assert fresh.extract(shuffled) == reference.extract(observation)
+
+
+@pytest.mark.parametrize("resource", [
+    {"resourceType": "Observation", "meta": {"versionId": "1"}},  # no source: the walk goes on
+    {"resourceType": "Observation", "meta": {"sourceUri": "x"}},  # a typed key: the general steps decide
+    {"resourceType": "Observation", "meta": [{"versionId": "1"}, {"sourceUri": "y"}, {"source": "z"}]},
+])
+def test_missing_choice_name_falls_back_only_for_typed_keys(resource: dict[str, Any]) -> None:
+    fast, = compile_expression("Observation.meta.source")
+    ref, = compile_expression("Observation.meta.source", fast=False)
+    assert fast.plain is not None
+    assert _nodes(fast.evaluate(resource)) == _nodes(ref.evaluate(resource))

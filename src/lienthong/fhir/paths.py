@@ -361,9 +361,10 @@ def _compile_path(expr: str, fast: bool = True) -> tuple[str | None, list[Step]]
 def _plain_values(values: list[Any], names: tuple[str, ...]) -> list[Any] | None:
     """Follow a chain of element names over raw JSON values (lists flattened, as FHIRPath does).
 
-    None when an element missing from an object is a choice name somewhere in R4 (`subject`,
-    `value`): the name step would then look for typed keys (`subjectReference`), so the caller
-    falls back to the general steps, which give those values their types."""
+    None when an object lacks an element that is a choice name somewhere in R4 (`subject`,
+    `value`) but has a typed key for it (`subjectReference`): the caller then falls back to the
+    general steps, which give those values their types. Without such a key the name step finds
+    nothing there either, so the walk goes on (`meta.source` of every resource did fall back)."""
     for name in names:
         out: list[Any] = []
         for value in values:
@@ -374,12 +375,21 @@ def _plain_values(values: list[Any], names: tuple[str, ...]) -> list[Any] | None
                         out.extend(child)
                     else:
                         out.append(child)
-                elif name in CHOICE_NAMES:
+                elif name in CHOICE_NAMES and _has_choice_key(value, name):
                     return None
         if not out:
             return out
         values = out
     return values
+
+
+def _has_choice_key(value: dict[str, Any], name: str) -> bool:
+    """Whether the object holds choice element `name` under a typed key (`valueQuantity`)."""
+    for key in value:
+        hit = CHOICE_KEYS.get(key)
+        if hit is not None and hit[0] == name:
+            return True
+    return False
 
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z_]\w*$")
