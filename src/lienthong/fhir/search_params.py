@@ -273,6 +273,12 @@ _NUMBER = (int, float)
 _SCALAR = (str, int, float)
 
 
+def _text(value: Any) -> str | None:
+    """A string element's value, None for anything else: index text columns hold strings only
+    (validation already refuses other JSON kinds there; the binary COPY would fail on them)."""
+    return value if isinstance(value, str) else None
+
+
 def _clip(text: str) -> str:
     return text[:MAX_INDEXED]
 
@@ -342,9 +348,8 @@ def _add_token(rows: IndexRows, key: int, grp: int | None, node: Node, param: Se
             if param is not None and type_cc:
                 for coding in type_cc.get("coding", []):
                     if isinstance(coding, dict) and isinstance(coding.get("code"), str):
-                        rows.token.append(
-                            (param.identifier_key, grp, coding.get("system"), _clip(f"{coding['code']}|{ident_value}"), None)
-                        )
+                        rows.token.append((param.identifier_key, grp, _text(coding.get("system")),
+                                           _clip(f"{coding['code']}|{ident_value}"), None))
         elif "code" in value or "system" in value:
             _add_coding(rows, key, grp, value, None)
 
@@ -389,7 +394,8 @@ def _add_quantity(rows: IndexRows, key: int, grp: int | None, node: Node, _: Sea
     value = node.value
     if isinstance(value, dict) and isinstance(value.get("value"), _NUMBER):
         rows.quantity.append(
-            (key, grp, float(value["value"]), value.get("system"), value.get("code"), value.get("unit"))
+            (key, grp, float(value["value"]), _text(value.get("system")), _text(value.get("code")),
+             _text(value.get("unit")))
         )
     elif isinstance(value, dict) and ("low" in value or "high" in value):  # Range
         for bound in (value.get("low"), value.get("high")):
@@ -415,7 +421,7 @@ def _add_reference(rows: IndexRows, key: int, grp: int | None, node: Node, param
         rows.reference.append((key, grp, rtype, rid, _clip(ref) if "://" in ref or ref.startswith("urn:") else None))
     ident = value.get("identifier")
     if param is not None and isinstance(ident, dict) and isinstance(ident.get("value"), str):
-        rows.token.append((param.identifier_key, grp, ident.get("system"), _clip(ident["value"]), None))
+        rows.token.append((param.identifier_key, grp, _text(ident.get("system")), _clip(ident["value"]), None))
 
 
 def split_reference(ref: str) -> tuple[str | None, str | None]:
