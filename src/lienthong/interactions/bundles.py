@@ -123,12 +123,16 @@ class BundleProcessor:
 
     def _transaction(self, ctx: Context, entries: list[JSON], outer: Store | None = None) -> list[JSON]:
         svc = self.service
+        authorized: set[tuple[str, str | None]] = set()  # the same answer for every entry of one kind
         for e in entries:
             if e["method"] in ("POST", "PUT") and isinstance(e["resource"], dict):
                 e["resource"] = dict(e["resource"])
             path, _ = _split(e["url"])
-            svc.guard.authorize(ctx, _INTERACTION[e["method"]] if "/" in path or e["method"] != "GET" else "search",
-                                path.split("/")[0] if path else None)
+            asked = (_INTERACTION[e["method"]] if "/" in path or e["method"] != "GET" else "search",
+                     path.split("/")[0] if path else None)
+            if asked not in authorized:
+                svc.guard.authorize(ctx, *asked)
+                authorized.add(asked)
         responses: dict[int, JSON] = {}
         written: list[Stored] = []
         with (nullcontext(outer) if outer is not None else svc.db.begin()) as store:
@@ -369,6 +373,7 @@ def _rewrite_refs(node: Any, resolve: Callable[[str], str]) -> Any:
     return node
 
 
+@lru_cache(maxsize=1024)  # entries repeat a handful of URLs (`Observation`, `Patient`, ...)
 def _split(url: str) -> tuple[str, str]:
     parsed = urlsplit(url)
     path = parsed.path.strip("/")
