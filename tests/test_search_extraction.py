@@ -125,3 +125,23 @@ def test_missing_choice_name_falls_back_only_for_typed_keys(resource: dict[str, 
     ref, = compile_expression("Observation.meta.source", fast=False)
     assert fast.plain is not None
     assert _nodes(fast.evaluate(resource)) == _nodes(ref.evaluate(resource))
+
+
+@pytest.mark.parametrize("expr, keys", [
+    ("(Observation.value as Quantity)", ("valueQuantity", "value")),
+    ("(Observation.value as string)", ("valueString", "value")),
+    ("Condition.onset.as(Age)", ("onsetAge", "onset")),
+    ("(Observation.value as CodeableConcept).text", ("valueCodeableConcept", "value")),
+    ("(Observation.component.value as Quantity)", None),  # the cast is not on a top-level element
+    ("Observation.value", None),
+    ("Observation.subject.where(resolve() is Patient)", None),
+])
+def test_first_keys_of_choice_casts(expr: str, keys: tuple[str, ...] | None) -> None:
+    """A branch starting with a fused choice cast is evaluated only for resources holding its typed
+    key (or a bare name, which the general steps handle); exactness over Synthea is checked above."""
+    path, = compile_expression(expr)
+    assert path.first_keys == keys
+    assert compile_expression(expr, fast=False)[0].first_keys is None
+    if keys:
+        other = {"resourceType": path.root, keys[1] + "Period": {"start": "2020"}}
+        assert path.evaluate(other) == []  # nothing to find without its keys

@@ -422,6 +422,9 @@ class CompiledPath:
     steps: tuple[Step, ...]
     first: str | None = None  # first element name, to skip resources that lack it
     plain: tuple[tuple[str, ...], str | None] | None = None  # (names, resolve type), see _plain_chain
+    # For a fused choice cast (`Observation.value as Quantity`): the only top-level keys it can start
+    # from (`valueQuantity`, or a bare `value`), a narrower test than `first`; see _first_keys.
+    first_keys: tuple[str, ...] | None = None
 
     def evaluate(self, resource: dict[str, Any]) -> list[Node]:
         if self.plain is None:
@@ -463,8 +466,28 @@ def compile_expression(expr: str, fast: bool = True) -> list[CompiledPath]:
         assert root is not None
         first = re.match(r"^\(?\w+\.(\w+)", part)
         plain = None if part.startswith("(") or not fast else _plain_chain(_split_top(part, ".")[1:])
-        branches.append(CompiledPath(root, tuple(steps), first.group(1) if first else None, plain))
+        branches.append(CompiledPath(root, tuple(steps), first.group(1) if first else None, plain,
+                                     _first_keys(part) if fast else None))
     return branches
+
+
+_FIRST_CAST = re.compile(r"^(?:\(\w+\.(\w+)\s+as\s+(\w+)\)|\w+\.(\w+)\.(?:as|ofType)\((\w+)\))")
+
+
+def _first_keys(part: str) -> tuple[str, ...] | None:
+    """(`valueQuantity`, `value`) for a branch that starts with a cast of a choice element, which
+    `_choice_as` evaluates from exactly those two keys; None for anything else.
+
+    Why: `first` keeps a branch for any `value[x]`, so each Observation evaluated every value-date,
+    value-string, value-concept and value-quantity branch; by key, only the one it holds."""
+    m = _FIRST_CAST.match(part)
+    if m is None:
+        return None
+    name, type_name = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    wanted = _PRIMITIVE_ALIASES.get(type_name, type_name)
+    if name not in CHOICE_NAMES or CHOICE_KEYS.get(name + wanted) != (name, wanted):
+        return None  # not looked up by key: the general steps scan every key
+    return (name + wanted, name)
 
 
 def _truthy_step(name: str) -> Step:

@@ -228,10 +228,12 @@ class _Plan:
         wanted = set(self.always)
         for name in present:
             wanted.update(self.by_first.get(name, ()))
+        literal = set(keys)
         todo = []
         for index in sorted(wanted):
             paths, adder, key, param, components = self.entries[index]
-            reachable = tuple(p for p in paths if p.first is None or p.first in present)
+            reachable = tuple(p for p in paths if p.first is None or (
+                p.first in present if p.first_keys is None else not literal.isdisjoint(p.first_keys)))
             if reachable and (adder is not None or components):
                 todo.append((reachable, adder, key, param, components))
         if len(self._shapes) < _MAX_SHAPES:
