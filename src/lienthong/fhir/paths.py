@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from lienthong.fhir import definitions
@@ -108,13 +109,18 @@ def _reference_type(value: Any) -> str | None:
         return None
     ref = value.get("reference")
     if isinstance(ref, str) and "/" in ref and not ref.startswith("#"):
-        parts = ref.split("/")
-        # Type/id, or absolute .../Type/id, possibly with /_history/n
-        if len(parts) >= 4 and parts[-2] == "_history":
-            return parts[-4]
-        return parts[-2]
+        return _type_in_reference(ref)
     declared = value.get("type")
     return declared if isinstance(declared, str) else None
+
+
+@lru_cache(maxsize=8192)  # indexing asks this of the same few references over and over
+def _type_in_reference(ref: str) -> str:
+    """The type in `Type/id`, or absolute `.../Type/id`, possibly with `/_history/n`."""
+    parts = ref.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        return parts[-4]
+    return parts[-2]
 
 
 def _type_filter(type_name: str) -> Step:

@@ -426,6 +426,7 @@ def _add_reference(rows: IndexRows, key: int, grp: int | None, node: Node, param
         rows.token.append((param.identifier_key, grp, _text(ident.get("system")), _clip(ident["value"]), None))
 
 
+@lru_cache(maxsize=8192)  # a Bundle's resources name the same patient, encounter, practitioners
 def split_reference(ref: str) -> tuple[str | None, str | None]:
     """`Type/id`, `Type/id/_history/v` or an absolute URL ending so, to (Type, id)."""
     if ref.startswith("urn:"):
