@@ -167,17 +167,8 @@ class SearchRegistry:
                 nodes = []
                 for path in paths:
                     nodes.extend(path.evaluate(resource))
-            if not nodes:
-                continue
-            if components:
-                for grp, node in enumerate(nodes):
-                    for comp_adder, comp_key, evaluate in components:
-                        if comp_adder is not None:
-                            for value in evaluate(node):
-                                comp_adder(rows, comp_key, grp, value, None)
-            elif adder is not None:
-                for node in nodes:
-                    adder(rows, key, None, node, param)
+            if nodes:
+                _add_rows(rows, nodes, adder, key, param, components)
         return rows
 
 
@@ -253,21 +244,26 @@ class _Plan:
             for path in paths:
                 if path.first is None or path.first in present:
                     nodes.extend(path.evaluate(resource))
-            if not nodes:
-                continue
-            if components:
-                for grp, node in enumerate(nodes):
-                    for comp_adder, comp_key, evaluate in components:
-                        if comp_adder is not None:
-                            for value in evaluate(node):
-                                comp_adder(rows, comp_key, grp, value, None)
-            elif adder is not None:
-                for node in nodes:
-                    adder(rows, key, None, node, param)
+            if nodes:
+                _add_rows(rows, nodes, adder, key, param, components)
         return rows
 
 
 _MAX_SHAPES = 512  # key tuples cached per resource type
+
+
+def _add_rows(rows: IndexRows, nodes: list[Node], adder: _Adder | None, key: int, param: SearchParam,
+              components: tuple[tuple[_Adder | None, int, Callable[[Node], list[Node]]], ...]) -> None:
+    """The index rows of one parameter from the nodes its paths reached (a composite's per component)."""
+    if components:
+        for grp, node in enumerate(nodes):
+            for comp_adder, comp_key, evaluate in components:
+                if comp_adder is not None:
+                    for value in evaluate(node):
+                        comp_adder(rows, comp_key, grp, value, None)
+    elif adder is not None:
+        for node in nodes:
+            adder(rows, key, None, node, param)
 
 
 # Type tuples, not `int | float` unions: isinstance with a union cost several times more, once per value.

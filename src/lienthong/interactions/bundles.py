@@ -341,36 +341,32 @@ def _rewrite_refs(node: Any, resolve: Callable[[str], str]) -> Any:
     Why a walk over containers: it skips string leaves at C speed and builds nothing for unchanged
     subtrees, about half the CPU of serialising the resource, splicing the bytes and parsing
     them again (which the previous version did)."""
-    if type(node) is dict:
-        out: Any = None
-        for key, value in node.items():
-            kind = type(value)
-            if kind is str:
-                if key == "reference":
-                    new = resolve(value)
-                    if new != value:
-                        if out is None:
-                            out = dict(node)
-                        out[key] = new
-            elif kind is dict or kind is list:
-                changed = _rewrite_refs(value, resolve)
-                if changed is not value:
-                    if out is None:
-                        out = dict(node)
-                    out[key] = changed
-        return node if out is None else out
-    if type(node) is list:
-        out = None
-        for index, value in enumerate(node):
-            kind = type(value)
-            if kind is dict or kind is list:
-                changed = _rewrite_refs(value, resolve)
-                if changed is not value:
-                    if out is None:
-                        out = list(node)
-                    out[index] = changed
-        return node if out is None else out
-    return node
+    kind = type(node)
+    if kind is dict:
+        items: Any = node.items()
+    elif kind is list:
+        items = enumerate(node)
+    else:
+        return node
+    out: Any = None
+    for key, value in items:
+        value_kind = type(value)
+        if value_kind is str:
+            if key != "reference":  # array items have int keys
+                continue
+            new: Any = resolve(value)
+            if new == value:
+                continue
+        elif value_kind is dict or value_kind is list:
+            new = _rewrite_refs(value, resolve)
+            if new is value:
+                continue
+        else:
+            continue
+        if out is None:
+            out = kind(node)
+        out[key] = new
+    return node if out is None else out
 
 
 @lru_cache(maxsize=1024)  # entries repeat a handful of URLs (`Observation`, `Patient`, ...)
