@@ -98,3 +98,50 @@ def test_where_resolve_on_raw_values() -> None:
         ref, = compile_expression(expr, fast=False)
         assert fast.plain is not None and ref.plain is None
         assert _nodes(fast.evaluate(resource)) == _nodes(ref.evaluate(resource)) != []
+
+
+def test_shape_cache_is_bounded_and_exact(resources: list[dict[str, Any]], reference: SearchRegistry) -> None:
+    """The per-shape plan cache answers like the uncached walk for new key orders and odd keys,
+    and stops growing at its bound (keys are the client's to choose)."""
+    from lienthong.fhir.search_params import _MAX_SHAPES
+
+    fresh = SearchRegistry(definitions.load())
+    observation = next(r for r in resources if r["resourceType"] == "Observation")
+    shuffled = dict(reversed(list(observation.items())))
+    for i in range(_MAX_SHAPES + 50):
+        variant = {**(shuffled if i % 2 else observation), f"x{i}": 1}
+        assert fresh.extract(variant) == reference.extract(variant)
+    assert len(fresh._plans["Observation"]._shapes) == _MAX_SHAPES
+    assert fresh.extract(shuffled) == reference.extract(observation)
+
+
+@pytest.mark.parametrize("resource", [
+    {"resourceType": "Observation", "meta": {"versionId": "1"}},  # no source: the walk goes on
+    {"resourceType": "Observation", "meta": {"sourceUri": "x"}},  # a typed key: the general steps decide
+    {"resourceType": "Observation", "meta": [{"versionId": "1"}, {"sourceUri": "y"}, {"source": "z"}]},
+])
+def test_missing_choice_name_falls_back_only_for_typed_keys(resource: dict[str, Any]) -> None:
+    fast, = compile_expression("Observation.meta.source")
+    ref, = compile_expression("Observation.meta.source", fast=False)
+    assert fast.plain is not None
+    assert _nodes(fast.evaluate(resource)) == _nodes(ref.evaluate(resource))
+
+
+@pytest.mark.parametrize("expr, keys", [
+    ("(Observation.value as Quantity)", ("valueQuantity", "value")),
+    ("(Observation.value as string)", ("valueString", "value")),
+    ("Condition.onset.as(Age)", ("onsetAge", "onset")),
+    ("(Observation.value as CodeableConcept).text", ("valueCodeableConcept", "value")),
+    ("(Observation.component.value as Quantity)", None),  # the cast is not on a top-level element
+    ("Observation.value", None),
+    ("Observation.subject.where(resolve() is Patient)", None),
+])
+def test_first_keys_of_choice_casts(expr: str, keys: tuple[str, ...] | None) -> None:
+    """A branch starting with a fused choice cast is evaluated only for resources holding its typed
+    key (or a bare name, which the general steps handle); exactness over Synthea is checked above."""
+    path, = compile_expression(expr)
+    assert path.first_keys == keys
+    assert compile_expression(expr, fast=False)[0].first_keys is None
+    if keys:
+        other = {"resourceType": path.root, keys[1] + "Period": {"start": "2020"}}
+        assert path.evaluate(other) == []  # nothing to find without its keys

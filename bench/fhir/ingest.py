@@ -3,8 +3,8 @@
 The raw-insert limit prepares, before any timing, exactly what the server would write for
 each bundle (new ids, urn:uuid references rewritten, meta stamped, the stored JSON bytes, and
 the index rows from `registry().extract`), then times only the inserts into a freshly migrated
-empty schema with the same driver calls the repository uses: psycopg COPY ... FROM STDIN with
-`write_row` on PostgreSQL, sqlite3 `executemany` on SQLite, one transaction per bundle.
+empty schema with the same driver calls the repository uses: psycopg binary COPY ... FROM STDIN
+with `write_row` on PostgreSQL, sqlite3 `executemany` on SQLite, one transaction per bundle.
 """
 
 from __future__ import annotations
@@ -156,6 +156,8 @@ def _worker(kind: str, target: str, items: list[dict[str, Any]], go: Any, ready:
         if kind == "postgresql":
             import psycopg
 
+            from lienthong.storage.repository import copy_types
+
             conn = psycopg.connect(target)
             ready.put(1)
             go.wait()
@@ -165,7 +167,8 @@ def _worker(kind: str, target: str, items: list[dict[str, Any]], go: Any, ready:
                         rows = _rows(b, key)
                         if not rows:
                             continue
-                        with cur.copy(f"COPY {table} ({cols}) FROM STDIN") as cp:
+                        with cur.copy(f"COPY {table} ({cols}) FROM STDIN (FORMAT BINARY)") as cp:
+                            cp.set_types(copy_types(table, tuple(c.strip() for c in cols.split(","))))
                             for row in rows:
                                 cp.write_row(row)
                 conn.commit()

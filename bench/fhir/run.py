@@ -237,7 +237,7 @@ def phase_raw(backend: Backend, kind: str, samples: list[Any], args: argparse.Na
             backend.drop(dbname)  # type: ignore[attr-defined]
     best = max(trials, key=lambda t: t["rps"])
     res["raw_insert"] = {"trials": trials, "best": best, "prepare_seconds": prep_s,
-                         "method": "psycopg COPY FROM STDIN + write_row" if kind == "postgresql"
+                         "method": "psycopg binary COPY FROM STDIN + write_row" if kind == "postgresql"
                          else "sqlite3 executemany", "transaction": "one per bundle"}
 
 

@@ -842,13 +842,16 @@ def test_settle_loads_the_tables_and_freezes_the_start_up_heap(sqlite_node: tupl
     import gc
 
     from lienthong.identity.admin_units import admin_units
-    from lienthong.node import settle
+    from lienthong.node import GC_YOUNG_THRESHOLD, settle
 
     _, c = sqlite_node
+    threshold = gc.get_threshold()
     try:
         settle(c.app.state.node).join(timeout=120)  # type: ignore[attr-defined]
         assert admin_units.cache_info().currsize == 1
         assert gc.get_freeze_count() > 100_000
         assert len(gc.get_objects()) < gc.get_freeze_count() // 10  # collections now walk only what came after
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *threshold[1:])  # a Bundle's objects die young
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)

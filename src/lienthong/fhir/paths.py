@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from lienthong.fhir import definitions
@@ -108,13 +109,18 @@ def _reference_type(value: Any) -> str | None:
         return None
     ref = value.get("reference")
     if isinstance(ref, str) and "/" in ref and not ref.startswith("#"):
-        parts = ref.split("/")
-        # Type/id, or absolute .../Type/id, possibly with /_history/n
-        if len(parts) >= 4 and parts[-2] == "_history":
-            return parts[-4]
-        return parts[-2]
+        return _type_in_reference(ref)
     declared = value.get("type")
     return declared if isinstance(declared, str) else None
+
+
+@lru_cache(maxsize=8192)  # indexing asks this of the same few references over and over
+def _type_in_reference(ref: str) -> str:
+    """The type in `Type/id`, or absolute `.../Type/id`, possibly with `/_history/n`."""
+    parts = ref.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        return parts[-4]
+    return parts[-2]
 
 
 def _type_filter(type_name: str) -> Step:
@@ -361,9 +367,10 @@ def _compile_path(expr: str, fast: bool = True) -> tuple[str | None, list[Step]]
 def _plain_values(values: list[Any], names: tuple[str, ...]) -> list[Any] | None:
     """Follow a chain of element names over raw JSON values (lists flattened, as FHIRPath does).
 
-    None when an element missing from an object is a choice name somewhere in R4 (`subject`,
-    `value`): the name step would then look for typed keys (`subjectReference`), so the caller
-    falls back to the general steps, which give those values their types."""
+    None when an object lacks an element that is a choice name somewhere in R4 (`subject`,
+    `value`) but has a typed key for it (`subjectReference`): the caller then falls back to the
+    general steps, which give those values their types. Without such a key the name step finds
+    nothing there either, so the walk goes on (`meta.source` of every resource did fall back)."""
     for name in names:
         out: list[Any] = []
         for value in values:
@@ -374,12 +381,21 @@ def _plain_values(values: list[Any], names: tuple[str, ...]) -> list[Any] | None
                         out.extend(child)
                     else:
                         out.append(child)
-                elif name in CHOICE_NAMES:
+                elif name in CHOICE_NAMES and _has_choice_key(value, name):
                     return None
         if not out:
             return out
         values = out
     return values
+
+
+def _has_choice_key(value: dict[str, Any], name: str) -> bool:
+    """Whether the object holds choice element `name` under a typed key (`valueQuantity`)."""
+    for key in value:
+        hit = CHOICE_KEYS.get(key)
+        if hit is not None and hit[0] == name:
+            return True
+    return False
 
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z_]\w*$")
@@ -412,6 +428,9 @@ class CompiledPath:
     steps: tuple[Step, ...]
     first: str | None = None  # first element name, to skip resources that lack it
     plain: tuple[tuple[str, ...], str | None] | None = None  # (names, resolve type), see _plain_chain
+    # For a fused choice cast (`Observation.value as Quantity`): the only top-level keys it can start
+    # from (`valueQuantity`, or a bare `value`), a narrower test than `first`; see _first_keys.
+    first_keys: tuple[str, ...] | None = None
 
     def evaluate(self, resource: dict[str, Any]) -> list[Node]:
         if self.plain is None:
@@ -453,8 +472,28 @@ def compile_expression(expr: str, fast: bool = True) -> list[CompiledPath]:
         assert root is not None
         first = re.match(r"^\(?\w+\.(\w+)", part)
         plain = None if part.startswith("(") or not fast else _plain_chain(_split_top(part, ".")[1:])
-        branches.append(CompiledPath(root, tuple(steps), first.group(1) if first else None, plain))
+        branches.append(CompiledPath(root, tuple(steps), first.group(1) if first else None, plain,
+                                     _first_keys(part) if fast else None))
     return branches
+
+
+_FIRST_CAST = re.compile(r"^(?:\(\w+\.(\w+)\s+as\s+(\w+)\)|\w+\.(\w+)\.(?:as|ofType)\((\w+)\))")
+
+
+def _first_keys(part: str) -> tuple[str, ...] | None:
+    """(`valueQuantity`, `value`) for a branch that starts with a cast of a choice element, which
+    `_choice_as` evaluates from exactly those two keys; None for anything else.
+
+    Why: `first` keeps a branch for any `value[x]`, so each Observation evaluated every value-date,
+    value-string, value-concept and value-quantity branch; by key, only the one it holds."""
+    m = _FIRST_CAST.match(part)
+    if m is None:
+        return None
+    name, type_name = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    wanted = _PRIMITIVE_ALIASES.get(type_name, type_name)
+    if name not in CHOICE_NAMES or CHOICE_KEYS.get(name + wanted) != (name, wanted):
+        return None  # not looked up by key: the general steps scan every key
+    return (name + wanted, name)
 
 
 def _truthy_step(name: str) -> Step:

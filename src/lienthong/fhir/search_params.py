@@ -111,6 +111,7 @@ class SearchRegistry:
         """`fast=False` compiles the general FHIRPath step evaluator only: the tests' reference."""
         self.by_type: dict[str, dict[str, SearchParam]] = {t: {} for t in defs.resource_types}
         self._plans: dict[str, _Plan] = {}
+        self.fast = fast
         self.unsupported: list[tuple[str, str]] = []
         by_url: dict[str, Any] = {sp["url"]: sp for sp in defs.search_parameters}
         for sp in defs.search_parameters:
@@ -180,40 +181,22 @@ class SearchRegistry:
 
     def extract(self, resource: dict[str, Any]) -> IndexRows:
         """Evaluate every parameter of the resource's type into index rows."""
-        rows = IndexRows()
-        present = set(resource)
-        present.update(CHOICE_KEYS[k][0] for k in resource if k in CHOICE_KEYS)
         rtype = resource.get("resourceType", "")
         plan = self._plans.get(rtype)
         if plan is None:
             plan = self._plans[rtype] = _Plan(self.by_type.get(rtype, {}))
-        wanted = set(plan.always)
-        for name in present:
-            wanted.update(plan.by_first.get(name, ()))
-        for index in sorted(wanted):  # in parameter order, as the rows have always come
-            paths, adder, key, param, components = plan.entries[index]
-            nodes: list[Node] = []
-            for path in paths:
-                if path.first is None or path.first in present:
+        if not self.fast:
+            return plan.extract_general(resource)
+        rows = IndexRows()
+        for paths, adder, key, param, components in plan.for_keys(tuple(resource)):
+            if len(paths) == 1:
+                nodes = paths[0].evaluate(resource)
+            else:
+                nodes = []
+                for path in paths:
                     nodes.extend(path.evaluate(resource))
-            if not nodes:
-                continue
-            if components:
-                coded = param.codes_a_quantity
-                for grp, node in enumerate(nodes):
-                    first_token, first_quantity = len(rows.token), len(rows.quantity)
-                    for comp_adder, comp_key, evaluate in components:
-                        if comp_adder is not None:
-                            for value in evaluate(node):
-                                comp_adder(rows, comp_key, grp, value, None)
-                    if coded:
-                        rows.coded_quantity.extend(
-                            (key, grp, t[2], t[3], q[2], q[3], q[4], q[5])
-                            for t in rows.token[first_token:] if t[2] is not None or t[3] is not None
-                            for q in rows.quantity[first_quantity:])
-            elif adder is not None:
-                for node in nodes:
-                    adder(rows, key, None, node, param)
+            if nodes:
+                _add_rows(rows, nodes, adder, key, param, components)
         return rows
 
 
@@ -242,6 +225,91 @@ class _Plan:
                 self.always.append(index)
             for first in {f for f in firsts if f is not None}:
                 self.by_first.setdefault(first, []).append(index)
+        self._shapes: dict[tuple[str, ...], list[_PlanEntry]] = {}
+
+    def _present(self, keys: Any) -> set[str]:
+        """Top-level element names a resource has, choice elements under their base name too."""
+        present = set(keys)
+        present.update(CHOICE_KEYS[k][0] for k in keys if k in CHOICE_KEYS)
+        return present
+
+    def for_keys(self, keys: tuple[str, ...]) -> list[_PlanEntry]:
+        """The parameters a resource with these top-level keys can reach, each with only the paths
+        that can start in it, in parameter order; cached per key tuple.
+
+        Why: resources of one type come in a few shapes, and working this out for every resource
+        (sets of present names and wanted parameters, a sort, a membership test per path) was a
+        fifth of extraction. The cache is bounded, so hostile key sets cannot grow it."""
+        todo = self._shapes.get(keys)
+        if todo is not None:
+            return todo
+        present = self._present(keys)
+        wanted = set(self.always)
+        for name in present:
+            wanted.update(self.by_first.get(name, ()))
+        literal = set(keys)
+        todo = []
+        for index in sorted(wanted):
+            paths, adder, key, param, components = self.entries[index]
+            reachable = tuple(p for p in paths if p.first is None or (
+                p.first in present if p.first_keys is None else not literal.isdisjoint(p.first_keys)))
+            if reachable and (adder is not None or components):
+                todo.append((reachable, adder, key, param, components))
+        if len(self._shapes) < _MAX_SHAPES:
+            self._shapes[keys] = todo
+        return todo
+
+    def extract_general(self, resource: dict[str, Any]) -> IndexRows:
+        """Extraction without the per-shape cache: the reference `for_keys` is tested against."""
+        rows = IndexRows()
+        present = self._present(resource)
+        wanted = set(self.always)
+        for name in present:
+            wanted.update(self.by_first.get(name, ()))
+        for index in sorted(wanted):  # in parameter order, as the rows have always come
+            paths, adder, key, param, components = self.entries[index]
+            nodes: list[Node] = []
+            for path in paths:
+                if path.first is None or path.first in present:
+                    nodes.extend(path.evaluate(resource))
+            if nodes:
+                _add_rows(rows, nodes, adder, key, param, components)
+        return rows
+
+
+_MAX_SHAPES = 512  # key tuples cached per resource type
+
+
+def _add_rows(rows: IndexRows, nodes: list[Node], adder: _Adder | None, key: int, param: SearchParam,
+              components: tuple[tuple[_Adder | None, int, Callable[[Node], list[Node]]], ...]) -> None:
+    """The index rows of one parameter from the nodes its paths reached (a composite's per component)."""
+    if components:
+        coded = param.codes_a_quantity
+        for grp, node in enumerate(nodes):
+            first_token, first_quantity = len(rows.token), len(rows.quantity)
+            for comp_adder, comp_key, evaluate in components:
+                if comp_adder is not None:
+                    for value in evaluate(node):
+                        comp_adder(rows, comp_key, grp, value, None)
+            if coded:  # every code of the element with every value of it (token$quantity composites)
+                rows.coded_quantity.extend(
+                    (key, grp, t[2], t[3], q[2], q[3], q[4], q[5])
+                    for t in rows.token[first_token:] if t[2] is not None or t[3] is not None
+                    for q in rows.quantity[first_quantity:])
+    elif adder is not None:
+        for node in nodes:
+            adder(rows, key, None, node, param)
+
+
+# Type tuples, not `int | float` unions: isinstance with a union cost several times more, once per value.
+_NUMBER = (int, float)
+_SCALAR = (str, int, float)
+
+
+def _text(value: Any) -> str | None:
+    """A string element's value, None for anything else: index text columns hold strings only
+    (validation already refuses other JSON kinds there; the binary COPY would fail on them)."""
+    return value if isinstance(value, str) else None
 
 
 def _clip(text: str) -> str:
@@ -289,7 +357,7 @@ def _add_token(rows: IndexRows, key: int, grp: int | None, node: Node, param: Se
     value = node.value
     if isinstance(value, bool):
         rows.token.append((key, grp, None, "true" if value else "false", None))
-    elif isinstance(value, str | int | float):
+    elif isinstance(value, _SCALAR):
         rows.token.append((key, grp, None, _clip(str(value)), None))
     elif isinstance(value, dict):
         if "coding" in value or ("text" in value and "system" not in value and "value" not in value):
@@ -313,9 +381,8 @@ def _add_token(rows: IndexRows, key: int, grp: int | None, node: Node, param: Se
             if param is not None and type_cc:
                 for coding in type_cc.get("coding", []):
                     if isinstance(coding, dict) and isinstance(coding.get("code"), str):
-                        rows.token.append(
-                            (param.identifier_key, grp, coding.get("system"), _clip(f"{coding['code']}|{ident_value}"), None)
-                        )
+                        rows.token.append((param.identifier_key, grp, _text(coding.get("system")),
+                                           _clip(f"{coding['code']}|{ident_value}"), None))
         elif "code" in value or "system" in value:
             _add_coding(rows, key, grp, value, None)
 
@@ -352,15 +419,16 @@ def _add_date(rows: IndexRows, key: int, grp: int | None, node: Node, _: SearchP
 
 
 def _add_number(rows: IndexRows, key: int, grp: int | None, node: Node, _: SearchParam | None) -> None:
-    if isinstance(node.value, int | float) and not isinstance(node.value, bool):
+    if isinstance(node.value, _NUMBER) and not isinstance(node.value, bool):
         rows.number.append((key, grp, float(node.value)))
 
 
 def _add_quantity(rows: IndexRows, key: int, grp: int | None, node: Node, _: SearchParam | None) -> None:
     value = node.value
-    if isinstance(value, dict) and isinstance(value.get("value"), int | float):
+    if isinstance(value, dict) and isinstance(value.get("value"), _NUMBER):
         rows.quantity.append(
-            (key, grp, float(value["value"]), value.get("system"), value.get("code"), value.get("unit"))
+            (key, grp, float(value["value"]), _text(value.get("system")), _text(value.get("code")),
+             _text(value.get("unit")))
         )
     elif isinstance(value, dict) and ("low" in value or "high" in value):  # Range
         for bound in (value.get("low"), value.get("high")):
@@ -386,9 +454,10 @@ def _add_reference(rows: IndexRows, key: int, grp: int | None, node: Node, param
         rows.reference.append((key, grp, rtype, rid, _clip(ref) if "://" in ref or ref.startswith("urn:") else None))
     ident = value.get("identifier")
     if param is not None and isinstance(ident, dict) and isinstance(ident.get("value"), str):
-        rows.token.append((param.identifier_key, grp, ident.get("system"), _clip(ident["value"]), None))
+        rows.token.append((param.identifier_key, grp, _text(ident.get("system")), _clip(ident["value"]), None))
 
 
+@lru_cache(maxsize=8192)  # a Bundle's resources name the same patient, encounter, practitioners
 def split_reference(ref: str) -> tuple[str | None, str | None]:
     """`Type/id`, `Type/id/_history/v` or an absolute URL ending so, to (Type, id)."""
     if ref.startswith("urn:"):
