@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from lienthong.fhir import definitions
@@ -67,7 +67,7 @@ class SearchParam:
     def component_key(self, index: int) -> int:
         return _cached_key(self.resource_type, f"{self.code}${index}")
 
-    @property
+    @cached_property  # asked once per composite of every indexed resource
     def codes_a_quantity(self) -> bool:
         """A token$quantity composite (code-value-quantity and its kind): besides its component rows it has
         one `coded_quantity` row per code and value that share an element, so a search reads one index range."""

@@ -97,6 +97,12 @@ class Criterion:
     has_param: SearchParam | None = None
     missing: bool | None = None
 
+    @property
+    def plain(self) -> bool:
+        """A parameter's own values, as typed: no modifier, `:missing`, chain or `_has`."""
+        return (self.param is not None and self.modifier is None and self.missing is None and self.chain is None
+                and bool(self.values))
+
 
 @dataclass(frozen=True)
 class Include:
@@ -385,13 +391,9 @@ def fuse_code_and_quantity(criteria: list[Criterion],
     code; every value above V in any code), and intersecting them costs a probe per member, where the
     composite reads one index range. `fusible` holds only composites for which the rewrite is exact (see
     SearchRegistry._fusible). Only plain criteria are fused; the first pair found, once."""
-    def plain(c: Criterion, ptype: str) -> bool:
-        return (c.type == ptype and c.param is not None and c.modifier is None and c.missing is None
-                and c.chain is None and bool(c.values))
-
     for (token_code, quantity_code), composite in fusible.items():
-        token = next((c for c in criteria if plain(c, "token") and c.code == token_code), None)
-        quantity = next((c for c in criteria if plain(c, "quantity") and c.code == quantity_code), None)
+        token = next((c for c in criteria if c.plain and c.type == "token" and c.code == token_code), None)
+        quantity = next((c for c in criteria if c.plain and c.type == "quantity" and c.code == quantity_code), None)
         if token is None or quantity is None or len(token.values) * len(quantity.values) > MAX_FUSED_ALTERNATIVES:
             continue
         fused = Criterion(token.resource_type, composite.code, "composite", param=composite,

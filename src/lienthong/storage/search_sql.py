@@ -309,8 +309,7 @@ def _in_resource_order(query: SearchQuery) -> Criterion | None:
                          for c in query.criteria):
         return None
     for crit in query.criteria:
-        if (crit.type == "token" and crit.param is not None and crit.modifier is None and crit.missing is None
-                and crit.chain is None and len(crit.values) == 1):
+        if crit.plain and crit.type == "token" and len(crit.values) == 1:
             value = crit.values[0]
             if isinstance(value, TokenValue) and value.code is not None and value.system is not None:
                 return crit
