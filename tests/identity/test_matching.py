@@ -46,6 +46,28 @@ def test_explanation_sums_to_score(model: MatchModel) -> None:
     assert 0.0 <= r.probability <= 1.0
 
 
+def test_names_entered_the_wrong_way_round_are_recognised(model: MatchModel) -> None:
+    """Given and family name typed into each other's field, and street and second address line swapped:
+    each gets its own level, online and in batch alike, and a record never counts as swapped with itself."""
+    a = PersonRecord("a", family="Mai", given="Đào", birth_date="1985-03-12", sex="male",
+                     address="Thôn Đông", address2="Xóm Chùa", locality="Tân Dĩnh", province="Bắc Giang")
+    b = PersonRecord("b", family="Đào", given="Mai", birth_date="1985-03-12", sex="male",
+                     address="Xóm Chùa", address2="Thôn Đông", locality="Tân Dĩnh", province="Bắc Giang")
+    levels = {w.field: w.level for w in model.compare(a, b).explanation}
+    assert levels["given"] == "swapped_with_family"
+    assert levels["family"] == "swapped_with_given"
+    assert levels["street"] == "swapped_with_address2"
+    same_both = PersonRecord("c", family="Hùng", given="Hùng", birth_date="1985-03-12")
+    other = PersonRecord("d", family="Lan", given="Lan", birth_date="1985-03-12")
+    assert {w.field: w.level for w in model.compare(same_both, other).explanation}["given"] != "swapped_with_family"
+    i, j = np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64)
+    online = model.score_pairs(prepare_against(a, [b]), i, j)
+    general = model.score_pairs(prepare([a], [b]), i, j)
+    assert np.array_equal(online.levels, general.levels)
+    assert model.compare(a, b).score > model.compare(a, PersonRecord("e", family="Trần", given="Lan",
+                                                                     birth_date="1985-03-12")).score
+
+
 def test_national_id_is_deterministic(model: MatchModel) -> None:
     a = PersonRecord("a", full_name="Trần Thị Lan", birth_date="1990-01-01", national_id="024190123456")
     same = PersonRecord("b", full_name="Lê Văn Hùng", birth_date="1970-05-05", national_id="024190123456")
