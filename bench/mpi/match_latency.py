@@ -552,7 +552,7 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=1_000_000)
     ap.add_argument("--db", choices=("postgresql", "sqlite"), default="postgresql")
     ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--http-queries", type=int, default=300, help="0 to skip the HTTP pass")
+    ap.add_argument("--http-queries", type=int, default=1000, help="0 to skip the HTTP pass")
     ap.add_argument("--batch", type=int, default=1000, help="entries per transaction Bundle")
     ap.add_argument("--workers", type=int, default=2, help="loader processes (PostgreSQL only)")
     ap.add_argument("--seed", type=int, default=2025)

@@ -142,6 +142,31 @@ def test_scripted_session_produces_exactly_the_expected_events(secure_app: Any,
     assert all(e["agent"][0]["location"]["identifier"]["value"] == FAC1 for e in users)
 
 
+def test_a_match_is_audited_with_exactly_the_patients_it_returns(secure_app: Any) -> None:
+    """`$match` names in its AuditEvent the patients the caller received: all of them for a client who sees
+    every Patient (recorded while the answer's bodies are read), only the visible ones for a facility user."""
+    app = secure_app
+    add_user(app, "lt.match", "records-officer", FAC1)
+    other_cid, other_secret = add_client(app, "HIS 24002", "24002", "system/*.cruds")
+    all_cid, all_secret = add_client(app, "Hub", None, "system/*.cruds")
+    http = TestClient(app)
+    officer = bearer(login(app, "lt.match")["access_token"])
+    patient = {"resourceType": "Patient", "gender": "female", "birthDate": "1971-04-09",
+               "name": [{"family": "Khổng", "given": ["Thị", "Duyên"]}]}
+    own = http.post("/fhir/Patient", json=patient, headers=officer).json()["id"]
+    elsewhere = http.post("/fhir/Patient", json=patient,
+                          headers=bearer(client_login(app, other_cid, other_secret)["access_token"])).json()["id"]
+    query = {"resourceType": "Parameters", "parameter": [{"name": "resource", "resource": patient}]}
+    for headers, expected in ((officer, {own}),
+                              (bearer(client_login(app, all_cid, all_secret)["access_token"]), {own, elsewhere})):
+        start = head_seq(app)
+        r = http.post("/fhir/Patient/$match", json=query, headers=headers)
+        assert r.status_code == 200, r.text
+        assert {e["resource"]["id"] for e in r.json()["entry"]} == expected
+        events = [e for e in events_after(app, start) if action_of(e) == "operation"]
+        assert [patients_of(e) for e in events] == [expected]
+
+
 def test_refusals_are_audited(world: World) -> None:
     start = head_seq(world.app)
     world.http.get("/fhir/Patient/p2a", headers=world.h("clinician"))  # 404: exists elsewhere

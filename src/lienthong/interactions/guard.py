@@ -64,6 +64,10 @@ class Guard(Protocol):
         """The subset of `items` the caller may see (reads, history, includes, $everything, export);
         `writing` asks the wider question "may change", which needs only facility scope."""
 
+    def sees_all(self, ctx: Context, rtype: str) -> bool:
+        """True when `visible` keeps every current `rtype` resource for this caller, so an answer's
+        content is known before its bodies are read (and its audit record can be written meanwhile)."""
+
     def on_write(self, ctx: Context, store: Store, facts: AuditFacts, written: list[Stored]) -> None:
         """Called inside the write transaction: record the audit and maintain access indexes."""
 
@@ -82,6 +86,9 @@ class OpenGuard:
 
     def visible(self, ctx: Context, store: Store, items: list[Stored], writing: bool = False) -> list[Stored]:
         return items
+
+    def sees_all(self, ctx: Context, rtype: str) -> bool:
+        return True
 
     def on_write(self, ctx: Context, store: Store, facts: AuditFacts, written: list[Stored]) -> None:
         return None
