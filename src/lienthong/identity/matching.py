@@ -229,9 +229,8 @@ def _cross_similar(
     ai, aj, bi, bj = t.codes[col_a][i], t.codes[col_a][j], t.codes[col_b][i], t.codes[col_b][j]
     out: npt.NDArray[np.bool_] = where & (ai >= 0) & (bi >= 0) & (aj >= 0) & (bj >= 0) & (ai != aj)
     idx = np.flatnonzero(out)
-    if len(idx):  # codes number each column apart, so a's own two fields are compared as text
-        idx = idx[t.strs[col_a][i[idx]] != t.strs[col_b][i[idx]]]
-        out[:] = False
+    idx = idx[t.strs[col_a][i[idx]] != t.strs[col_b][i[idx]]]  # a's own two fields differ (codes are per column)
+    out[:] = False
     if len(idx):
         s1 = _jw(t.strs[col_a][i[idx]], t.strs[col_b][j[idx]])
         s2 = _jw(t.strs[col_b][i[idx]], t.strs[col_a][j[idx]])

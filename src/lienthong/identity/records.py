@@ -195,7 +195,6 @@ class PreparedTable:
         for col in INT_COLUMNS:
             self.ints[col] = np.array([r[col] for r in rows], dtype=np.int32)
 
-
     @classmethod
     def against_first(cls, ids: Sequence[str], rows: Sequence[dict[str, str | int]]) -> PreparedTable:
         """A table whose only pairs are (0, j): one query (row 0) and the candidates scored against it.
