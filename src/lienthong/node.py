@@ -24,15 +24,18 @@ from lienthong.security.policy import AccessGuard
 from lienthong.security.tokens import TokenService
 from lienthong.storage import migrate
 from lienthong.storage.engine import make_engine
+from lienthong.storage.read_cache import DEFAULT_CACHE_MB, open_cache
 from lienthong.storage.repository import Database
 
 
-def open_database(url: str | None = None, upgrade: bool = True) -> Database:
-    """Open (and by default migrate) the database at `url`; SQLite under ./var/ when None."""
+def open_database(url: str | None = None, upgrade: bool = True, read_cache_mb: int = DEFAULT_CACHE_MB) -> Database:
+    """Open (and by default migrate) the database at `url`; SQLite under ./var/ when None.
+
+    `read_cache_mb`: memory for current versions served to reads by id (0: none; see storage/read_cache.py)."""
     engine = make_engine(url)
     if upgrade:
         migrate.upgrade(engine)
-    return Database(engine, registry())
+    return Database(engine, registry(), open_cache(engine.url, read_cache_mb))
 
 
 @dataclass
@@ -115,7 +118,8 @@ def app_from_env() -> Starlette:
     import os
 
     settings = ApiSettings.from_json(os.environ.get("LIENTHONG_APP_SETTINGS", "{}"))
-    node = build_node(open_database(os.environ.get("LIENTHONG_APP_DB") or None), settings,
+    cache_mb = int(os.environ.get("LIENTHONG_APP_READ_CACHE_MB", str(DEFAULT_CACHE_MB)))
+    node = build_node(open_database(os.environ.get("LIENTHONG_APP_DB") or None, read_cache_mb=cache_mb), settings,
                       secure=os.environ.get("LIENTHONG_APP_SECURE", "1") != "0")
     config = os.environ.get("LIENTHONG_APP_CONFIG")
     if config:

@@ -683,8 +683,8 @@ def test_a_record_keeps_its_exact_bytes_through_the_batch_writer(world: World) -
 
 def test_a_batch_chains_identically_on_the_database_and_in_python(world: World) -> None:
     """One batch with several patients per record, no actor and no facility: each record's id is its
-    sequence number and `verify` (which recomputes the chain in Python) accepts what the writer stored,
-    on PostgreSQL the server-side append function of migration 0008."""
+    sequence number and `verify` (which recomputes the chain independently) accepts what the writer stored,
+    on PostgreSQL through the one-statement conditional append."""
     from lienthong.security.audit import AuditRecord
 
     audit = world.audit
@@ -701,3 +701,37 @@ def test_a_batch_chains_identically_on_the_database_and_in_python(world: World) 
     assert [e["entity"][0]["what"]["reference"] for e in stored] == ["Patient/pa"] * 3 + ["Patient/pz"]
     assert len(audit.events(patient="pm")) >= 2
     assert audit.verify()[0]
+
+
+def test_writers_of_two_processes_interleave_into_one_chain(db_url: str) -> None:
+    """Each writer chains from the head it wrote last; when another one appended meanwhile, the conditional
+    append inserts nothing and the batch is chained again from the locked head. A write transaction that
+    rolls back leaves its writer with a wrong guess, which must cost only that retry."""
+    from lienthong.node import open_database
+    from lienthong.security.audit import AuditRecord, AuditTrail
+
+    dbs = [open_database(db_url), open_database(db_url)]
+    trails = [AuditTrail(db.engine, f"node-{k}") for k, db in enumerate(dbs)]
+
+    def record(k: int) -> AuditRecord:
+        return AuditRecord(action="read", outcome=0, actor=f"w{k % 2}", actor_kind="client", roles=(), facility=None,
+                           address=None, node="n", patients=[f"p{k}"], detail=f"ghi {k}")
+
+    for k in range(12):
+        trail = trails[k % 2 if k < 6 else (k // 2) % 2]
+        trail.submit(record(k), waited=False)
+        trail.flush()
+    with pytest.raises(RuntimeError), dbs[0].engine.begin() as conn:
+        trails[0].record_in(conn, [record(100)])
+        raise RuntimeError("the write fails after its audit record was chained")
+    trails[1].submit(record(12), waited=False)
+    trails[1].flush()
+    trails[0].submit(record(13), waited=False)
+    trails[0].flush()
+    ok, _, message = trails[0].verify()
+    assert ok, message
+    details = [e["outcomeDesc"] for e in reversed(trails[0].events(limit=100))]
+    assert details == [f"ghi {k}" for k in range(14)], "a record was lost, duplicated or reordered"
+    for trail, db in zip(trails, dbs, strict=True):
+        trail.close()
+        db.engine.dispose()

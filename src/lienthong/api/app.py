@@ -270,7 +270,8 @@ class FhirApi:
             return await self.type_operation(request, ctx, rtype, rid)
         svc = self.service
         if request.method in ("GET", "HEAD"):
-            result = await in_thread(svc.read, ctx, rtype, rid)
+            cached = svc.read_cached(ctx, rtype, rid)  # no thread hop when the cache answers
+            result = cached if cached is not None else await in_thread(svc.read, ctx, rtype, rid)
         elif request.method == "PUT":
             resource = parse_resource(await self.body(request))
             result = await in_thread(svc.update, ctx, rtype, rid, resource, request.headers.get("if-match"))

@@ -53,6 +53,9 @@ def serve(
     public_base_url: str = typer.Option(None, "--public-base-url", help="Absolute FHIR base seen by clients"),
     cors_origin: list[str] = typer.Option([], "--cors-origin", help="Browser origin allowed to call the API"),
     workers: int = typer.Option(1, "--workers", help="uvicorn worker processes"),
+    read_cache_mb: int = typer.Option(64, "--read-cache-mb", min=0,
+                                      help="Memory per worker for current versions served to reads by id; 0 turns "
+                                           "it off (needed when nodes on other hosts write to the same database)"),
     role: str = typer.Option(None, "--role", help="node | hub (checked against --config)"),
     config: Path = typer.Option(None, "--config", help="Exchange configuration (TOML): role, code, hub, keys"),
 ) -> None:
@@ -87,7 +90,7 @@ def serve(
     try:
         from lienthong.node import open_database
 
-        database = open_database(db)
+        database = open_database(db, read_cache_mb=0)
         if not insecure_dev and host not in LOOPBACK:
             _require_configured(database.engine)
     except typer.Exit:
@@ -99,6 +102,7 @@ def serve(
     os.environ["LIENTHONG_APP_DB"] = db or ""
     os.environ["LIENTHONG_APP_SECURE"] = "0" if insecure_dev else "1"
     os.environ["LIENTHONG_APP_SETTINGS"] = settings.to_json()
+    os.environ["LIENTHONG_APP_READ_CACHE_MB"] = str(read_cache_mb)
     # Access lines are INFO, never shown at this level; without access_log uvicorn also skips building them.
     if workers > 1:
         uvicorn.run("lienthong.node:app_from_env", factory=True, host=host, port=port, workers=workers,

@@ -107,3 +107,10 @@ class PostgresServer:
         with contextlib.suppress(PostgresUnavailable):
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
+        from sqlalchemy.engine import make_url
+
+        from lienthong.storage.read_cache import counters_path
+
+        changes = counters_path(make_url(self.url()))
+        if changes is not None:  # the read caches' counters of this server's databases (shared memory)
+            changes.unlink(missing_ok=True)

@@ -123,14 +123,18 @@ class FhirService:
         self.guard.on_access(ctx, AuditFacts(action, outcome=4, resources=[(rtype, rid)], detail="not found"))
         return error(404, "not-found", f"Không tìm thấy {rtype}/{rid}", f"{rtype}/{rid} not found")
 
-    def read(self, ctx: Context, rtype: str, rid: str) -> Result:
-        self.check_type(rtype)
-        self.check_id(rid)
+    def read_cached(self, ctx: Context, rtype: str, rid: str) -> Result | None:
+        """A read answered from the read cache without blocking, or None: then `read` asks the database.
+
+        Only for callers who see every resource of the type (a facility-bound caller's view needs the
+        database); the authorisation, audit and answers are exactly those of `read`."""
+        found = self.db.cached(rtype, rid)
+        if found is None or not self.guard.sees_all(ctx, rtype):
+            return None
         self.guard.authorize(ctx, "read", rtype)
-        with self.db.read() as store:
-            found = store.current(rtype, rid)
-            if self._hidden(ctx, store, found):
-                found = None
+        return self._answer_read(ctx, rtype, rid, found)
+
+    def _answer_read(self, ctx: Context, rtype: str, rid: str, found: Stored | None) -> Result:
         self.guard.on_access(ctx, AuditFacts("read", 0 if found else 4, [(rtype, rid)],
                                              bodies=[found.body] if found and found.body else []))
         if found is None:
@@ -139,6 +143,16 @@ class FhirService:
             raise FhirError(410, [OutcomeIssue("error", "deleted", f"Đã xoá / {rtype}/{rid} was deleted")],
                             {"ETag": found.etag})
         return Result(200, found, body=found.body)
+
+    def read(self, ctx: Context, rtype: str, rid: str) -> Result:
+        self.check_type(rtype)
+        self.check_id(rid)
+        self.guard.authorize(ctx, "read", rtype)
+        with self.db.read() as store:
+            found = store.current(rtype, rid)
+            if self._hidden(ctx, store, found):
+                found = None
+        return self._answer_read(ctx, rtype, rid, found)
 
     def vread(self, ctx: Context, rtype: str, rid: str, version: str) -> Result:
         self.check_type(rtype)

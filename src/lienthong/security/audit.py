@@ -35,12 +35,9 @@ from lienthong.storage.engine import DedicatedWriter, read_connection
 logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-# Group commit: once a record is pending, the writer lingers this long for concurrent requests' records, so
-# one transaction carries many (a commit's fixed cost is several times a record's); small next to a read.
-# It lingers only when answers are concurrent (the last batch or the queue holds more than one record): a
-# lone client would wait the whole linger on every answer for a batch of one.
-LINGER_SECONDS = 0.002
-LINGER_BATCH = 64  # ...unless this many are already waiting
+# Group commit without lingering: the writer commits whatever is pending as soon as it wakes, and what arrives
+# while that commit is in flight makes the next batch, so batches grow with the load by themselves. (A fixed
+# 2 ms linger made every answer under load wait a linger plus a commit: reads were bound by it, not by CPU.)
 COMMIT_ATTEMPTS = 4  # a batch that fails (e.g. SQLite busy) is retried before its waiters are failed
 
 _ACTION_CODE = {"create": "C", "read": "R", "vread": "R", "search": "E", "history": "R", "update": "U",
@@ -187,15 +184,32 @@ def _balp_query(event: dict[str, Any], actor: dict[str, Any], entities: list[dic
 
 _LOG_COLUMNS = ("seq", "recorded", "actor", "facility", "action", "outcome", "body", "prev_hash", "hash")
 
-# SQLite: the chain is computed here and the batch goes in with executemany, in the driver's own paramstyle
-# (the writer runs these for every batch, so they bypass SQL compilation).
+# The chain is computed here for both databases (`_chained`). SQLite: the head is read inside the writer's
+# BEGIN IMMEDIATE and the batch goes in with executemany, in the driver's own paramstyle (the writer runs these
+# for every batch, so they bypass SQL compilation).
 _SQLITE_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"
 _SQLITE_ADD_LOG = f"INSERT INTO audit_log ({', '.join(_LOG_COLUMNS)}) VALUES ({', '.join('?' * len(_LOG_COLUMNS))})"
 _SQLITE_ADD_PATIENT = "INSERT INTO audit_patient (seq, patient_id) VALUES (?, ?)"
 _SQLITE_MOVE_HEAD = "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1"
-# PostgreSQL: the whole batch is one call of the server-side function of migration 0008, which takes the head
-# lock, chains and inserts the records and moves the head (one statement, one round trip with the commit).
-_POSTGRES_APPEND = "SELECT lienthong_audit_append(%s::json)"
+# PostgreSQL: one statement per batch, chained from the head this process last wrote. The head moves only if it
+# is still that one, and the rows go in (set-based, from arrays) only if it moved; otherwise another process
+# appended meanwhile, and the batch is chained again from the head read under its row lock (`_PG_HEAD`).
+_PG_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE"
+_PG_APPEND = f"""
+WITH moved AS (
+    UPDATE audit_head SET seq = %(seq)s, hash = %(hash)s
+    WHERE id = 1 AND seq = %(prev_seq)s AND hash = %(prev_hash)s RETURNING 1),
+logged AS (
+    INSERT INTO audit_log ({', '.join(_LOG_COLUMNS)})
+    SELECT seq, recorded, actor, facility, action, outcome, convert_to(body, 'UTF8'), prev_hash, hash
+    FROM json_to_recordset(%(rows)s::json) AS r(seq int8, recorded int8, actor text, facility text, action text,
+                                                 outcome text, body text, prev_hash text, hash text)
+    WHERE EXISTS (SELECT 1 FROM moved)),
+linked AS (
+    INSERT INTO audit_patient (seq, patient_id)
+    SELECT seq, patient_id FROM json_to_recordset(%(patients)s::json) AS p(seq int8, patient_id text)
+    WHERE EXISTS (SELECT 1 FROM moved))
+SELECT count(*) FROM moved"""
 
 
 def _serialised(records: Sequence[AuditRecord]) -> list[tuple[AuditRecord, bytes, list[str]]]:
@@ -207,12 +221,39 @@ def _serialised(records: Sequence[AuditRecord]) -> list[tuple[AuditRecord, bytes
     return out
 
 
-def _postgres_batch(records: Sequence[AuditRecord]) -> str:
-    """A batch as the JSON document the append function of migration 0008 reads."""
-    return orjson.dumps([{"recorded": rec.recorded, "actor": rec.actor, "facility": rec.facility,
-                          "action": rec.action, "outcome": str(rec.outcome), "body": body.decode(),
-                          "patients": patient_ids, "joined": ",".join(patient_ids)}
-                         for rec, body, patient_ids in _serialised(records)]).decode()
+def _chained(events: list[tuple[AuditRecord, bytes, list[str]]], seq: int, prev: str
+             ) -> tuple[list[tuple[Any, ...]], list[tuple[int, str]], int, str]:
+    """The audit_log rows and audit_patient rows of a batch appended after head (seq, prev), and the new head."""
+    rows: list[tuple[Any, ...]] = []
+    patients: list[tuple[int, str]] = []
+    for rec, unstamped, patient_ids in events:
+        seq += 1
+        body = _stamped(unstamped, seq)
+        outcome = str(rec.outcome)
+        digest = _chain(prev, seq, body, (rec.recorded, rec.actor, rec.facility, rec.action, outcome,
+                                          ",".join(patient_ids)))
+        rows.append((seq, rec.recorded, rec.actor, rec.facility, rec.action, outcome, body, prev, digest))
+        patients.extend((seq, p) for p in patient_ids)
+        prev = digest
+    return rows, patients, seq, prev
+
+
+def _pg_params(rows: list[tuple[Any, ...]], patients: list[tuple[int, str]], prev_seq: int, prev_hash: str,
+               seq: int, digest: str) -> dict[str, Any]:
+    """The batch as two JSON documents: PostgreSQL parses them in C, where binding arrays cost the driver more
+    Python per value than the whole chain."""
+    log = orjson.dumps([dict(zip(_LOG_COLUMNS, (*row[:6], row[6].decode(), *row[7:]), strict=True)) for row in rows])
+    linked = orjson.dumps([{"seq": s, "patient_id": p} for s, p in patients])
+    return {"seq": seq, "hash": digest, "prev_seq": prev_seq, "prev_hash": prev_hash, "rows": log.decode(),
+            "patients": linked.decode()}
+
+
+def _try_append(cur: Any, events: list[tuple[AuditRecord, bytes, list[str]]], head: tuple[int, str]
+                ) -> tuple[int, str] | None:
+    """Append a batch chained after `head` if that is still the head; the new head, or None if it had moved."""
+    rows, patients, seq, digest = _chained(events, *head)
+    cur.execute(_PG_APPEND, _pg_params(rows, patients, *head, seq, digest), prepare=True)
+    return (seq, digest) if cur.fetchone()[0] == 1 else None
 
 
 def _stamped(body: bytes, seq: int) -> bytes:
@@ -289,7 +330,7 @@ class AuditTrail:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one batch in flight at a time: the chain order is commit order
         self._writer: DedicatedWriter | None = None  # the writer's own connection (used under _flush_lock)
-        self._last_batch = 0  # records in the last committed batch: >1 means concurrent answers (see LINGER)
+        self._head: tuple[int, str] | None = None  # PostgreSQL: the chain head this process last wrote (a guess)
 
     # ---- writing -------------------------------------------------------------
     def record_in(self, conn: Connection, records: Sequence[AuditRecord]) -> None:
@@ -304,26 +345,32 @@ class AuditTrail:
 
     def append(self, cur: Any, records: Sequence[AuditRecord]) -> None:
         """Chain and insert records through a driver cursor of an open transaction (both write paths)."""
-        if not self.sqlite:
-            cur.execute(_POSTGRES_APPEND, (_postgres_batch(records),), prepare=True)
-            return
         events = _serialised(records)
+        if not self.sqlite:
+            self._append_postgres(cur, events)
+            return
         cur.execute(_SQLITE_HEAD)
-        seq, prev = cur.fetchone()
-        rows: list[tuple[Any, ...]] = []
-        patients: list[tuple[int, str]] = []
-        for rec, unstamped, patient_ids in events:
-            seq += 1
-            body = _stamped(unstamped, seq)
-            outcome = str(rec.outcome)
-            digest = _chain(prev, seq, body, (rec.recorded, rec.actor, rec.facility, rec.action, outcome,
-                                              ",".join(patient_ids)))
-            rows.append((seq, rec.recorded, rec.actor, rec.facility, rec.action, outcome, body, prev, digest))
-            patients.extend((seq, p) for p in patient_ids)
-            prev = digest
+        head_seq, head_hash = cur.fetchone()
+        rows, patients, seq, digest = _chained(events, head_seq, head_hash)
         cur.executemany(_SQLITE_ADD_LOG, rows)
         cur.executemany(_SQLITE_ADD_PATIENT, patients)
-        cur.execute(_SQLITE_MOVE_HEAD, (seq, prev))
+        cur.execute(_SQLITE_MOVE_HEAD, (seq, digest))
+
+    def _append_postgres(self, cur: Any, events: list[tuple[AuditRecord, bytes, list[str]]]) -> None:
+        """One round trip when this process wrote the head last (the usual case with one worker); two more
+        (the head under its row lock, then the statement again) when another process appended meanwhile."""
+        if self._head is not None:
+            moved = _try_append(cur, events, self._head)
+            if moved is not None:
+                self._head = moved  # a later rollback of the caller's transaction only costs a retry
+                return
+        with cur.connection.transaction():  # a savepoint inside the caller's transaction; the writer's own one
+            cur.execute(_PG_HEAD, prepare=True)  # the lock is held until the transaction ends: this cannot miss
+            seq, digest = cur.fetchone()
+            moved = _try_append(cur, events, (seq, digest))
+            if moved is None:
+                raise RuntimeError("audit head moved while its row lock was held")
+        self._head = moved
 
     def submit(self, record: AuditRecord, waited: bool = True) -> Future[None]:
         """Queue a record of a read-type interaction; the future resolves once it is committed (group commit).
@@ -373,9 +420,6 @@ class AuditTrail:
                 continue
             if self._stopping and not self._pending:
                 return
-            waiting = len(self._pending)
-            if (self._last_batch > 1 or waiting > 1) and waiting < LINGER_BATCH and not self._stopping:
-                time.sleep(LINGER_SECONDS)
             try:
                 self.flush()
             except Exception:  # waiters were failed, unwaited records re-queued: pause before retrying
@@ -389,7 +433,6 @@ class AuditTrail:
             batch = [pending.popleft() for _ in range(len(pending))]  # what arrives meanwhile waits its turn
             if not batch:
                 return
-            self._last_batch = len(batch)
             records = [item[0] for item in batch]
             for attempt in range(COMMIT_ATTEMPTS):
                 try:
@@ -409,7 +452,7 @@ class AuditTrail:
         and SQLAlchemy's transaction events cost more than a small batch's own work."""
         if self._writer is None:
             self._writer = DedicatedWriter(self.engine)
-        with self._writer.transaction(single_statement=not self.sqlite) as cur:  # PostgreSQL: one append call
+        with self._writer.transaction(single_statement=not self.sqlite) as cur:  # PostgreSQL: one statement
             self.append(cur, records)
 
     def close(self) -> None:

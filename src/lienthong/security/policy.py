@@ -136,10 +136,10 @@ class AccessGuard:
     # ---- visibility ----------------------------------------------------------
     def visible_patients(self, p: Principal, writing: bool = False) -> Select[Any] | None:
         """Ids of the patients the caller may see (None: no restriction)."""
+        if _unrestricted(p):
+            return None
         if p.patient is not None:
             return select(literal(p.patient).label("pid"))
-        if p.kind == "client" and p.facility is None:
-            return None
         pf = schema.patient_facility
         facility = select(pf.c.patient_id.label("pid")).where(pf.c.facility == (p.facility or ""))
         if writing or p.facility_wide:
@@ -195,7 +195,7 @@ class AccessGuard:
 
     def sees_all(self, ctx: Context, rtype: str) -> bool:
         p = _principal(ctx)
-        return self.visible_patients(p) is None and (rtype not in AUDIT_TYPES or self._reads_audit(p))
+        return _unrestricted(p) and (rtype not in AUDIT_TYPES or self._reads_audit(p))
 
     def visible(self, ctx: Context, store: Store, items: list[Stored], writing: bool = False) -> list[Stored]:
         if not items:
@@ -304,6 +304,11 @@ class AccessGuard:
     def forget_grants(self, user_id: str) -> None:
         with self._lock:
             self._btg_cache.pop(user_id, None)
+
+
+def _unrestricted(p: Principal) -> bool:
+    """A system client bound to no facility and no patient sees every patient (the hub, integrations)."""
+    return p.patient is None and p.kind == "client" and p.facility is None
 
 
 def _letters(interaction: str) -> set[str]:

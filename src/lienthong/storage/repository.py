@@ -44,6 +44,7 @@ from lienthong.fhir.search_params import IndexRows, SearchRegistry
 from lienthong.storage import schema
 from lienthong.storage.engine import is_sqlite
 from lienthong.storage.prepared import PlannedOnce
+from lienthong.storage.read_cache import CurrentVersions, Ticket, slot_of
 
 JSON = dict[str, Any]
 
@@ -114,10 +115,11 @@ def new_id() -> str:
 class Database:
     """The engine plus the search registry used to index every write."""
 
-    def __init__(self, engine: Engine, registry: SearchRegistry) -> None:
+    def __init__(self, engine: Engine, registry: SearchRegistry, cache: CurrentVersions | None = None) -> None:
         self.engine = engine
         self.registry = registry
         self.sqlite = is_sqlite(engine)
+        self.cache = cache  # current versions for reads by id (storage/read_cache.py); None: always the database
         # Called in the writing transaction after each new version: (store, type, id, resource or None if deleted).
         # Domain indexes that must never disagree with the data (e.g. the patient index) hang here.
         self.write_hooks: list[Callable[[Store, str, str, JSON | None], None]] = []
@@ -125,10 +127,25 @@ class Database:
     @contextmanager
     def begin(self) -> Iterator[Store]:
         """A write transaction: everything inside commits together or not at all."""
-        with self.engine.begin() as conn:
-            store = Store(conn, self, writable=True)
-            yield store
-            store.flush()
+        store: Store | None = None
+        committed = False
+        try:
+            with self.engine.begin() as conn:
+                store = Store(conn, self, writable=True)
+                yield store
+                store.flush()
+            committed = True
+        finally:  # committed or rolled back: the changed resources' cached versions are void either way
+            if store is not None and self.cache is not None:
+                if store.changed_slots:
+                    self.cache.counters.end(store.changed_slots)
+                if committed:  # write-through of new resources, under tickets taken before the commit
+                    for ticket, stored in store.created:
+                        self.cache.fill(ticket, stored)
+
+    def cached(self, rtype: str, rid: str) -> Stored | None:
+        """The current version from the read cache, without touching the database; None: not cached."""
+        return None if self.cache is None else self.cache.get(rtype, rid)
 
     @contextmanager
     def read(self) -> Iterator[Store]:
@@ -151,6 +168,8 @@ class Store:
         self._pending_stored: list[Stored] = []
         # Index rows written by this transaction, by res_pk (the latest version's; empty once deleted).
         self._written_index: dict[int, IndexRows] = {}
+        self.changed_slots: list[int] = []  # read-cache slots this transaction marked before changing a resource
+        self.created: list[tuple[Ticket, Stored]] = []  # new resources for the read cache once committed
 
     # ---- reads -------------------------------------------------------------
     def current(self, rtype: str, rid: str, lock: bool = False) -> Stored | None:
@@ -161,8 +180,13 @@ class Store:
             # Lock the pointer row alone first: a FOR UPDATE over the join would, once the previous lock
             # holder commits a new version, re-check the join against the old version and find nothing.
             self.conn.execute(select(r.c.res_pk).where(r.c.rtype == rtype, r.c.rid == rid).with_for_update())
+        versions = None if self.writable else self.db.cache  # only committed data goes into the cache
+        ticket = versions.ticket(rtype, rid) if versions is not None else None  # before the read: see read_cache
         rows = _CURRENT.rows(self.conn, {"rtype": rtype, "rid": rid})
-        return Stored(*rows[0]) if rows else None
+        found = Stored(*rows[0]) if rows else None
+        if versions is not None and ticket is not None and found is not None:
+            versions.fill(ticket, found)
+        return found
 
     def version(self, rtype: str, rid: str, version: int) -> Stored | None:
         self.flush()
@@ -234,6 +258,10 @@ class Store:
         body = self._stamp(resource, rid, 1)
         rows = self.db.registry.extract(resource)
         stored = Stored(0, rtype, rid, 1, self.now, False, body, method)
+        if self.db.cache is not None:
+            ticket = self.db.cache.ticket(rtype, rid)
+            if ticket is not None:
+                self.created.append((ticket, stored))
         for hook in self.db.write_hooks:
             hook(self, rtype, rid, resource)
         self._pending.append((resource, method, rows, body))
@@ -323,6 +351,10 @@ class Store:
 
     def write(self, current: Stored, resource: JSON | None, method: str) -> Stored:
         """Write a new version after `current` (which the caller read with lock=True)."""
+        if self.db.cache is not None:  # before the change: no process serves or fills this slot until it ends
+            slot = slot_of(current.rtype, current.rid)
+            self.db.cache.counters.begin((slot,))
+            self.changed_slots.append(slot)
         new_version = current.version + 1
         deleted = resource is None
         body = None if resource is None else self._stamp(resource, current.rid, new_version)
