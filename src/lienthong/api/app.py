@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,6 +41,7 @@ from lienthong.interactions.service import FhirService, Result
 from lienthong.security.audit import AuditWaits, BatchNotifier
 from lienthong.security.authn import Authenticator
 from lienthong.security.tokens import NeedsIO
+from lienthong.storage.repository import Stored
 
 log = logging.getLogger("lienthong.api")
 
@@ -47,6 +49,8 @@ FHIR_JSON = "application/fhir+json; charset=utf-8"
 _JSON_TYPES = ("application/fhir+json", "application/json", "json", "fhir+json", "application/json+fhir")
 _XML_TYPES = ("application/fhir+xml", "application/xml", "xml", "text/xml", "fhir+xml", "application/xml+fhir")
 AUDIT_WAITS = "lienthong.audit_waits"  # ASGI scope key: the request's audit commits, awaited by ResponseGuard
+_CONTEXT = "lienthong.context"  # ASGI scope key: the context `cached_read` authenticated, for the ordinary route
+_FHIR_JSON_BYTES = FHIR_JSON.encode()
 
 
 @dataclass
@@ -120,6 +124,9 @@ class FhirApi:
 
     async def context(self, request: Request) -> Context:
         """The request context with the authenticated principal (401 when authentication is on and fails)."""
+        known = request.scope.get(_CONTEXT)
+        if known is not None:  # authenticated already by `cached_read`, which handed the request on
+            return known  # type: ignore[no-any-return]
         ctx = self.base_context(request)
         if self.auth is not None:
             header = _header(request.scope, b"authorization")
@@ -158,12 +165,37 @@ class FhirApi:
             params += parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True)
         return params
 
+    def cached_read(self, scope: Any, rtype: str, rid: str) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        """GET [base]/Type/id answered from the read cache on the event loop: (status, headers, body), or None
+        to take the ordinary route (not cached, a caller whose view needs the database, a token to look up).
+
+        Why: for a cached resource, Starlette's routing, its request and response objects and the exception
+        layers cost more than the read itself. The answer is the one `instance` + `respond` give: same
+        service call, same headers, errors as OperationOutcome."""
+        request = Request(scope)
+        ctx = self.base_context(request)
+        if self.auth is not None:
+            try:
+                ctx.principal = self.auth.principal(ctx, _header(scope, b"authorization"), io=False)
+            except (NeedsIO, FhirError):  # the ordinary route looks the token up, or refuses it with its audit
+                return None
+        scope[_CONTEXT] = ctx
+        try:
+            result = self.service.read_cached(ctx, rtype, rid)
+        except FhirError as exc:
+            headers = [(k.lower().encode(), v.encode()) for k, v in (exc.headers or {}).items()]
+            return exc.status, [(b"content-type", _FHIR_JSON_BYTES), *headers], orjson.dumps(exc.outcome())
+        if result is None or result.stored is None or result.body is None:
+            return None
+        headers = [(b"content-type", _FHIR_JSON_BYTES)]
+        headers += [(k.lower().encode(), v.encode()) for k, v in _version_headers(result.stored).items()]
+        return 200, headers, result.body
+
     def respond(self, request: Request, result: Result, ctx: Context) -> Response:
         headers = dict(result.headers)
         stored = result.stored
         if stored is not None and not stored.deleted:
-            headers["ETag"] = stored.etag
-            headers["Last-Modified"] = _http_date(stored.last_updated // 1_000_000)
+            headers.update(_version_headers(stored))
             if result.status == 201:
                 headers["Location"] = f"{ctx.base_url}/{stored.rtype}/{stored.rid}/_history/{stored.version}"
         if request.method in ("POST", "PUT", "PATCH") and stored is not None:
@@ -457,6 +489,10 @@ def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Reque
     return wrapped
 
 
+def _version_headers(stored: Stored) -> dict[str, str]:
+    return {"ETag": stored.etag, "Last-Modified": _http_date(stored.last_updated // 1_000_000)}
+
+
 @lru_cache(maxsize=4096)
 def _http_date(seconds: int) -> str:
     """Last-Modified has whole seconds, and the same resources are read again and again: formatting
@@ -552,6 +588,7 @@ def build_app(service: FhirService, settings: ApiSettings | None = None,
                                      allow_headers=["Authorization", "Content-Type", "Prefer", "If-Match",
                                                     "If-None-Exist"],
                                      expose_headers=["Location", "ETag", "Content-Location", "Last-Modified"]))
+    middleware.append(Middleware(CachedReads, api=api))  # innermost: its answers get CORS and the guard
     app = Starlette(routes=all_routes, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware)
     app.state.api = api
     api.exports.resume()
@@ -598,6 +635,33 @@ class _RequestWaits(AuditWaits):
     def __init__(self, notifier: BatchNotifier) -> None:
         super().__init__(notifier)
         self.future: asyncio.Future[None] | None = None
+
+
+class CachedReads:
+    """Answers GET [base]/Type/id for cached resources before Starlette routes the request (`FhirApi.cached_read`).
+
+    It sits inside `ResponseGuard` (security headers, the audit barrier) and CORS, so an answer from here
+    passes through exactly what an answer from a route does. Anything else (a query string, HEAD, an
+    Accept it does not serve, a path with more segments) goes on unchanged."""
+
+    def __init__(self, app: Any, api: FhirApi, prefix: str = "/fhir") -> None:
+        self.app = app
+        self.api = api
+        self._path = re.compile(re.escape(prefix) + r"/([A-Z][A-Za-z]{1,63})/([A-Za-z0-9\-.]{1,64})")
+
+    async def __call__(self, scope: Any, receive: Any, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and not scope["query_string"]:
+            match = self._path.fullmatch(scope["path"])
+            accept = _header(scope, b"accept") if match else None
+            if match and (not accept or _accepts_json(accept)):
+                answer = self.api.cached_read(scope, match[1], match[2])
+                if answer is not None:
+                    status, headers, body = answer
+                    headers.append((b"content-length", str(len(body)).encode()))
+                    await send({"type": "http.response.start", "status": status, "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+        await self.app(scope, receive, send)
 
 
 class ResponseGuard:

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -88,21 +89,9 @@ class AuditRecord:
             event_type = {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110113",
                           "display": "Security Alert"}
             subtype = [{"system": "urn:lienthong:audit-action", "code": self.action}]
-        agent: dict[str, Any] = {
-            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                                 "code": "IRCP", "display": "information recipient"}]},
-            "who": {"identifier": {"system": f"urn:lienthong:{self.actor_kind}", "value": self.actor or "anonymous"}},
-            "requestor": True,
-        }
-        if self.roles:
-            agent["role"] = [{"coding": [{"system": "urn:lienthong:role", "code": r}]} for r in self.roles]
-        if self.facility:
-            agent["location"] = {"identifier": {"system": "urn:lienthong:facility", "value": self.facility}}
-        if self.address:
-            agent["network"] = {"address": self.address, "type": "2"}
-        if self.break_glass:
-            agent["purposeOfUse"] = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
-                                                  "code": "BTG", "display": "break the glass"}]}]
+        agent = _agent(self.actor_kind, self.actor, tuple(self.roles), self.facility, self.address, self.break_glass)
+        if self.remote is not None:  # the BALP shaping edits the agent: its own copy, not the shared one
+            agent = orjson.loads(orjson.dumps(agent))
         entities: list[dict[str, Any]] = [
             {"what": {"reference": f"Patient/{p}"},
              "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"},
@@ -138,6 +127,29 @@ class AuditRecord:
         if entities:
             event["entity"] = entities
         return event
+
+
+@lru_cache(maxsize=1024)
+def _agent(kind: str, actor: str | None, roles: tuple[str, ...], facility: str | None, address: str | None,
+           break_glass: bool) -> dict[str, Any]:
+    """The requesting agent of an AuditEvent, built once per caller and address (and never changed after:
+    every record of that caller shares it), since it was most of the cost of turning a read into a record."""
+    agent: dict[str, Any] = {
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                             "code": "IRCP", "display": "information recipient"}]},
+        "who": {"identifier": {"system": f"urn:lienthong:{kind}", "value": actor or "anonymous"}},
+        "requestor": True,
+    }
+    if roles:
+        agent["role"] = [{"coding": [{"system": "urn:lienthong:role", "code": r}]} for r in roles]
+    if facility:
+        agent["location"] = {"identifier": {"system": "urn:lienthong:facility", "value": facility}}
+    if address:
+        agent["network"] = {"address": address, "type": "2"}
+    if break_glass:
+        agent["purposeOfUse"] = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                                              "code": "BTG", "display": "break the glass"}]}]
+    return agent
 
 
 _DCM = "http://dicom.nema.org/resources/ontology/DCM"

@@ -77,7 +77,7 @@ class ChangeCounters:
             if info.st_size < _FILE_BYTES:
                 os.ftruncate(self._fd, _FILE_BYTES)
             self._map = mmap.mmap(self._fd, _FILE_BYTES)
-        self._view = memoryview(self._map).cast("Q")  # [2 * slot] active writers, [2 * slot + 1] generation
+        self.view = memoryview(self._map).cast("Q")  # [2 * slot] active writers, [2 * slot + 1] generation
         self._lock = threading.Lock()
         if self._fd >= 0:
             self._join()
@@ -92,7 +92,7 @@ class ChangeCounters:
             pass
         else:
             with self._exclusive():
-                view = self._view
+                view = self.view
                 for s in range(SLOTS):
                     view[2 * s] = 0
         fcntl.lockf(self._fd, fcntl.LOCK_SH, 1, _FILE_BYTES)
@@ -110,7 +110,7 @@ class ChangeCounters:
             return found
 
     def state(self, slot: int) -> tuple[int, int]:
-        view = self._view
+        view = self.view
         return view[2 * slot], view[2 * slot + 1]
 
     @contextlib.contextmanager
@@ -128,14 +128,14 @@ class ChangeCounters:
     def begin(self, slots: Iterable[int]) -> None:
         """Mark slots as being written: their entries stop being served, and none are filled."""
         with self._exclusive():
-            view = self._view
+            view = self.view
             for s in slots:
                 view[2 * s] += 1
 
     def end(self, slots: Iterable[int]) -> None:
         """The writes of `begin` have ended: invalidate what was cached under the old generation."""
         with self._exclusive():
-            view = self._view
+            view = self.view
             for s in slots:
                 view[2 * s + 1] = (view[2 * s + 1] + 1) & 0xFFFF_FFFF_FFFF_FFFF
                 if view[2 * s]:
@@ -201,8 +201,8 @@ class CurrentVersions:
         if entry is None:
             self.misses += 1
             return None
-        active, generation = self.counters.state(entry.slot)
-        if active or generation != entry.generation:
+        view, slot = self.counters.view, entry.slot
+        if view[2 * slot] or view[2 * slot + 1] != entry.generation:  # a writer is at it, or has been
             self.misses += 1
             return None
         with contextlib.suppress(KeyError):  # evicted meanwhile by another thread: still a valid answer
