@@ -265,3 +265,42 @@ def test_the_cache_can_be_turned_off(db_url: str) -> None:
     db = open_database(db_url, read_cache_mb=0)
     assert db.cache is None and db.cached("Patient", "x") is None
     db.engine.dispose()
+
+
+def test_answers_from_the_cache_are_those_of_the_ordinary_route(node_client: Any) -> None:
+    """A cached read (answered before routing) and the same read by the route (a query string sends it
+    there) give the same status, bytes and headers, security headers included; what the fast answer does
+    not serve (another Accept, HEAD, shaping) still gets the route's answer."""
+    client, node, system, _ = node_client
+    created = client.post("/fhir/Patient", json=PATIENT, headers=system).json()
+    url = f"/fhir/Patient/{created['id']}"
+    hits = node.db.cache.hits
+    fast = client.get(url, headers=system)
+    routed = client.get(url + "?_pretty=false", headers=system)
+    assert node.db.cache.hits == hits + 2  # the route's service call reads the cache too
+    assert fast.status_code == routed.status_code == 200
+    assert fast.content == routed.content
+    for name in ("content-type", "etag", "last-modified", "content-length", "x-content-type-options",
+                 "cache-control", "content-security-policy", "x-frame-options", "referrer-policy"):
+        assert fast.headers.get(name) == routed.headers.get(name), name
+    assert client.get(url, headers={**system, "Accept": "application/fhir+xml"}).status_code == 406
+    assert client.get(url + "?_format=xml", headers=system).status_code == 406
+    assert client.get(url + "?_elements=gender", headers=system).json().get("name") is None
+    head = client.head(url, headers=system)
+    assert head.status_code == 200 and head.headers["etag"] == 'W/"1"' and not head.content
+    assert client.get(url + "/", headers=system).status_code in (200, 404)  # not a read by id: the router decides
+    refused = client.get(url, headers={"Authorization": "Bearer not-a-token"})
+    assert refused.status_code == 401 and refused.json()["resourceType"] == "OperationOutcome"
+
+
+def test_a_deleted_resource_answers_410_with_its_version_from_the_cache(node_client: Any) -> None:
+    client, node, system, _ = node_client
+    created = client.post("/fhir/Patient", json=PATIENT, headers=system).json()
+    url = f"/fhir/Patient/{created['id']}"
+    client.delete(url, headers=system)
+    client.get(url, headers=system)  # fills the cache with the delete marker
+    assert node.db.cached("Patient", created["id"]) is not None
+    gone = client.get(url, headers=system)
+    assert gone.status_code == 410 and gone.headers["etag"] == 'W/"2"'
+    assert gone.headers["x-content-type-options"] == "nosniff"
+    assert gone.json()["issue"][0]["code"] == "deleted"
