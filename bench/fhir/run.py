@@ -101,6 +101,8 @@ def parse_args() -> argparse.Namespace:
                     help="concurrent ingest streams, and forked raw-insert writers, to measure (default 1,2)")
     ap.add_argument("--server-workers", type=int, default=1,
                     help="worker processes of `lienthong serve` and of the in-memory reference (ingest, read)")
+    ap.add_argument("--read-cache-mb", type=int, default=None,
+                    help="the node's read cache (default: lienthong serve's; 0: off, every read asks the database)")
     ap.add_argument("--profile", action="store_true", help="extra py-spy-sampled passes after the measured ones")
     ap.add_argument("--out", type=Path, default=RESULTS / "fhir.json")
     a = ap.parse_args()
@@ -170,7 +172,7 @@ def phase_ingest(backend: Backend, kind: str, samples: list[Any], args: argparse
         dbname = f"ingest_s{streams}_r{rep}" + ("_off" if mode == "insecure" and len(trials) > 1 else "")
         url = backend.new_url(dbname)
         srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-{dbname}", auth=mode,
-                              workers=args.server_workers)
+                              workers=args.server_workers, read_cache_mb=args.read_cache_mb)
         res.setdefault("auth_modes", {})[mode] = srv.auth
         res["auth"] = srv.auth
         res.setdefault("src_versions", []).append([srv.name, srv.src_hash])
@@ -510,6 +512,12 @@ def overhead_report(r: dict[str, Any]) -> list[str]:
     return L
 
 
+def _cache_note(mb: int | None) -> str:
+    if mb is None:
+        return "the default, warmed by the ingest it follows (new resources are written through)"
+    return "off" if mb == 0 else f"{mb} MiB"
+
+
 def report(meta: dict[str, Any], results: list[dict[str, Any]], phases: Phases) -> str:
     L: list[str] = []
     L.append("# lienthong FHIR benchmark\n")
@@ -519,7 +527,8 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], phases: Phases) 
     L.append(f"- date: {meta['date']}")
     workers = meta["args"].get("server_workers", 1)
     L.append(f"- server: `lienthong serve` subprocess (uvicorn, {workers} worker process(es); the in-memory "
-             f"reference runs as many) on 127.0.0.1; read load: "
+             f"reference runs as many; read cache: {_cache_note(meta['args'].get('read_cache_mb'))}) on 127.0.0.1; "
+             "read load: "
              f"{meta['read_client']}; ingest/search client: aiohttp/httpx (Python)")
     L.append("- 'background load' = machine-wide CPU busy (of all cores) in the 1 s before a run while the "
              "harness was idle, i.e. other work on this shared box; 'machine busy during' includes ours")
