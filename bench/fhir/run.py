@@ -331,7 +331,8 @@ def phase_search(backend: Backend, kind: str, samples: list[Any], args: argparse
     log(f"  setup done: {setup['resources']} resources in {setup['seconds']:.0f}s ({setup['rps']:.0f} res/s); "
         f"analyze {setup['analyze_seconds']:.1f}s; db {size / 1e9:.2f} GB")
     res["search_setup"] = setup
-    srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-search", auth=auth_modes(args)[-1])
+    srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-search", auth=auth_modes(args)[-1],
+                          read_cache_mb=args.read_cache_mb)
     rng = random.Random(20261127)
     originals = [orjson.loads(r) for r in raws]
     res.setdefault("src_versions", []).append([srv.name, srv.src_hash])
@@ -411,7 +412,8 @@ def phase_profile(kind: str, backend: Backend, samples: list[Any], read_srv: Ser
     pdir = RESULTS / "profiles"
     prof: dict[str, Any] = {}
     url = backend.new_url("profile_ingest")
-    srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-profile", auth=auth_modes(args)[-1])
+    srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-profile", auth=auth_modes(args)[-1],
+                          read_cache_mb=args.read_cache_mb)
     post_bundles(srv.base, [smallest(samples)], 1, srv.headers)
     prof["ingest"] = profile_phase(srv.pid, pdir / f"{kind}-ingest.txt",
                                    lambda: post_bundles(srv.base, samples, 1, srv.headers))
