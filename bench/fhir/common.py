@@ -266,7 +266,8 @@ def serve_supports(flag: str) -> bool:
 
 
 def start_lienthong(url: str, log_dir: Path, cleanup: Cleanup, name: str = "lienthong",
-                    auth: str = "auto", workers: int = 1, read_cache_mb: int | None = None) -> ServerProcess:
+                    auth: str = "auto", workers: int = 1, read_cache_mb: int | None = None,
+                    audit_journal: str | None = None) -> ServerProcess:
     """`lienthong serve` on a free port. auth: auto (get a token if the server asks for one), insecure
     (pass --insecure-dev), token (always provision a client and use a bearer token). read_cache_mb: the
     node's read cache (None: its default; 0 turns it off, so every read asks the database)."""
@@ -280,6 +281,8 @@ def start_lienthong(url: str, log_dir: Path, cleanup: Cleanup, name: str = "lien
         argv += ["--workers", str(workers)]
     if read_cache_mb is not None:
         argv += ["--read-cache-mb", str(read_cache_mb)]
+    if audit_journal is not None:
+        argv += ["--audit-journal", audit_journal]
     code = src_hash()
     srv = ServerProcess(name, argv, port, log_dir, "/fhir/metadata", cleanup)
     srv.src_hash = code

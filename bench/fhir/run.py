@@ -103,6 +103,9 @@ def parse_args() -> argparse.Namespace:
                     help="worker processes of `lienthong serve` and of the in-memory reference (ingest, read)")
     ap.add_argument("--read-cache-mb", type=int, default=None,
                     help="the node's read cache (default: lienthong serve's; 0: off, every read asks the database)")
+    ap.add_argument("--audit-journal", default=None,
+                    help="the node's read-audit journal (default: lienthong serve's, a directory beside the data; "
+                         "off: every batch of read records is committed to the database before its answers)")
     ap.add_argument("--profile", action="store_true", help="extra py-spy-sampled passes after the measured ones")
     ap.add_argument("--out", type=Path, default=RESULTS / "fhir.json")
     a = ap.parse_args()
@@ -172,7 +175,8 @@ def phase_ingest(backend: Backend, kind: str, samples: list[Any], args: argparse
         dbname = f"ingest_s{streams}_r{rep}" + ("_off" if mode == "insecure" and len(trials) > 1 else "")
         url = backend.new_url(dbname)
         srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-{dbname}", auth=mode,
-                              workers=args.server_workers, read_cache_mb=args.read_cache_mb)
+                              workers=args.server_workers, read_cache_mb=args.read_cache_mb,
+                              audit_journal=args.audit_journal)
         res.setdefault("auth_modes", {})[mode] = srv.auth
         res["auth"] = srv.auth
         res.setdefault("src_versions", []).append([srv.name, srv.src_hash])
@@ -332,7 +336,7 @@ def phase_search(backend: Backend, kind: str, samples: list[Any], args: argparse
         f"analyze {setup['analyze_seconds']:.1f}s; db {size / 1e9:.2f} GB")
     res["search_setup"] = setup
     srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-search", auth=auth_modes(args)[-1],
-                          read_cache_mb=args.read_cache_mb)
+                          read_cache_mb=args.read_cache_mb, audit_journal=args.audit_journal)
     rng = random.Random(20261127)
     originals = [orjson.loads(r) for r in raws]
     res.setdefault("src_versions", []).append([srv.name, srv.src_hash])
@@ -413,7 +417,7 @@ def phase_profile(kind: str, backend: Backend, samples: list[Any], read_srv: Ser
     prof: dict[str, Any] = {}
     url = backend.new_url("profile_ingest")
     srv = start_lienthong(url, work, cleanup, name=f"lienthong-{kind}-profile", auth=auth_modes(args)[-1],
-                          read_cache_mb=args.read_cache_mb)
+                          read_cache_mb=args.read_cache_mb, audit_journal=args.audit_journal)
     post_bundles(srv.base, [smallest(samples)], 1, srv.headers)
     prof["ingest"] = profile_phase(srv.pid, pdir / f"{kind}-ingest.txt",
                                    lambda: post_bundles(srv.base, samples, 1, srv.headers))
@@ -529,7 +533,8 @@ def report(meta: dict[str, Any], results: list[dict[str, Any]], phases: Phases) 
     L.append(f"- date: {meta['date']}")
     workers = meta["args"].get("server_workers", 1)
     L.append(f"- server: `lienthong serve` subprocess (uvicorn, {workers} worker process(es); the in-memory "
-             f"reference runs as many; read cache: {_cache_note(meta['args'].get('read_cache_mb'))}) on 127.0.0.1; "
+             f"reference runs as many; read cache: {_cache_note(meta['args'].get('read_cache_mb'))}; read-audit "
+             f"journal: {meta['args'].get('audit_journal') or 'the default (on)'}) on 127.0.0.1; "
              "read load: "
              f"{meta['read_client']}; ingest/search client: aiohttp/httpx (Python)")
     L.append("- 'background load' = machine-wide CPU busy (of all cores) in the 1 s before a run while the "

@@ -19,6 +19,7 @@ from lienthong.identity.service import IdentityService
 from lienthong.interactions.service import FhirService
 from lienthong.security.accounts import Accounts
 from lienthong.security.audit import AuditTrail
+from lienthong.security.audit_journal import journal_location
 from lienthong.security.authn import Authenticator
 from lienthong.security.policy import AccessGuard
 from lienthong.security.tokens import TokenService
@@ -52,6 +53,12 @@ class Node:
     def accounts(self) -> Accounts:
         return Accounts(self.db.engine)
 
+    def close(self) -> None:
+        """Stop the audit trail's writers: what is journalled is drained into the chain and the segment
+        deleted (after a crash the next process does that instead)."""
+        if self.auth is not None:
+            self.auth.guard.audit.close()
+
 
 def token_audience(settings: ApiSettings) -> str:
     return settings.public_base_url or f"urn:lienthong:fhir:{settings.node_name}"
@@ -62,7 +69,7 @@ def build_node(db: Database, settings: ApiSettings, secure: bool = True) -> Node
     identity = IdentityService(service)
     if not secure:
         return Node(db, service, None, identity)
-    audit = AuditTrail(db.engine, settings.node_name)
+    audit = AuditTrail(db.engine, settings.node_name, journal_location(db.engine.url, settings.audit_journal))
     guard = AccessGuard(db.registry, audit, service.compartment_params())
     service.guard = guard
     tokens = TokenService(db.engine, issuer=f"urn:lienthong:node:{settings.node_name}",
@@ -77,7 +84,9 @@ def create_app(url: str | None = None, settings: ApiSettings | None = None, secu
 
 
 def app_for(node: Node, settings: ApiSettings) -> Starlette:
-    app = build_app(node.service, settings, node.auth, node.identity, node.exchange)
+    # A stopping server drains the audit journal into the chain and deletes its segment (a crash leaves it to
+    # the next process instead).
+    app = build_app(node.service, settings, node.auth, node.identity, node.exchange, on_shutdown=[node.close])
     app.state.node = node
     return app
 

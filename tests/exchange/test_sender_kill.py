@@ -189,12 +189,13 @@ def _imported_packages(engine: Engine) -> Counter[str]:
 
 def test_sender_killed_mid_send_repeatedly_loses_and_duplicates_nothing(
         province: tuple[Province, list[logging.LogRecord]], processes: list[subprocess.Popen[bytes]], db_url: str,
-        tmp_path: Path) -> None:
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
     began = time.monotonic()
     units, server_errors = province
     deadline = began + BOUND
     port = _free_port()
     config_file, sender_db = _sender_setup(units, tmp_path / "sender", db_url, port)
+    request.addfinalizer(sender_db.node.close)  # the handle's audit trail is drained before its database goes
     packages = _queue_transfers(sender_db)
     engine = sender_db.node.db.engine
     with engine.connect() as conn:  # the sender's streams: (patient, seq) -> message, in queue order

@@ -167,7 +167,7 @@ def make_app(url: str, node_name: str = "lienthong", **settings: Any) -> Any:
 
 def close_app(app: Any) -> None:
     node = app.state.node
-    node.service.guard.audit.close()
+    node.close()
     node.db.engine.dispose()
 
 

@@ -69,4 +69,5 @@ def test_patients_of_written_resources(db_url: str) -> None:
             memory, tables = _both_ways(guard, store, [updated, gone])
             assert memory == tables == {second}
     finally:
+        node.close()
         db.engine.dispose()

@@ -9,9 +9,10 @@ content negotiation, Prefer, and turning every error into an OperationOutcome.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -59,6 +60,7 @@ class ApiSettings:
     public_base_url: str | None = None  # e.g. https://node.example.vn/fhir behind a proxy
     node_name: str = "lienthong"  # shown as the audit source
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none by default
+    audit_journal: str = "auto"  # where read audits are made durable: auto | off | a directory (audit_journal.py)
 
     def to_json(self) -> str:
         return orjson.dumps({**self.__dict__, "cors_origins": list(self.cors_origins)}).decode()
@@ -564,7 +566,9 @@ EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]
 
 def build_app(service: FhirService, settings: ApiSettings | None = None,
               auth: Authenticator | None = None, identity: IdentityService | None = None,
-              exchange: ExchangeService | None = None) -> Starlette:
+              exchange: ExchangeService | None = None,
+              on_shutdown: Sequence[Callable[[], None]] = ()) -> Starlette:
+    """The ASGI app; `on_shutdown` runs (in a thread, in order) when the server stops serving it."""
     from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
 
@@ -589,7 +593,14 @@ def build_app(service: FhirService, settings: ApiSettings | None = None,
                                                     "If-None-Exist"],
                                      expose_headers=["Location", "ETag", "Content-Location", "Last-Modified"]))
     middleware.append(Middleware(CachedReads, api=api))  # innermost: its answers get CORS and the guard
-    app = Starlette(routes=all_routes, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        for step in on_shutdown:
+            await in_thread(step)
+
+    app = Starlette(routes=all_routes, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware,
+                    lifespan=lifespan)
     app.state.api = api
     api.exports.resume()
     return app

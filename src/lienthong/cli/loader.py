@@ -75,20 +75,23 @@ def load_files(paths: list[Path], db_url: str | None, facility: str | None = Non
     ctx = operator_context(node, facility)
     loaded, failed = 0, []
     started = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console) as progress:
-        task = progress.add_task("Đang nạp / Loading", total=len(files))
-        for path in files:
-            try:
-                for bundle in _bundles(path):
-                    result = processor.process(ctx, bundle)
-                    assert result.resource is not None
-                    loaded += len(result.resource.get("entry", []))
-            except FhirError as exc:
-                failed.append((path, str(exc)))
-            except (orjson.JSONDecodeError, OSError, AttributeError, KeyError, TypeError) as exc:
-                failed.append((path, f"không đọc được / unreadable: {exc}"))
-            progress.advance(task)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console) as progress:
+            task = progress.add_task("Đang nạp / Loading", total=len(files))
+            for path in files:
+                try:
+                    for bundle in _bundles(path):
+                        result = processor.process(ctx, bundle)
+                        assert result.resource is not None
+                        loaded += len(result.resource.get("entry", []))
+                except FhirError as exc:
+                    failed.append((path, str(exc)))
+                except (orjson.JSONDecodeError, OSError, AttributeError, KeyError, TypeError) as exc:
+                    failed.append((path, f"không đọc được / unreadable: {exc}"))
+                progress.advance(task)
+    finally:
+        node.close()  # the audit journal is drained before the command returns
     seconds = time.perf_counter() - started
     console.print(f"Đã nạp / Loaded {loaded} resources from {len(files) - len(failed)}/{len(files)} files "
                   f"in {seconds:.1f} s ({loaded / seconds if seconds else 0:.0f}/s)")

@@ -6,6 +6,7 @@ non-zero; they never show a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def serve(
     read_cache_mb: int = typer.Option(64, "--read-cache-mb", min=0,
                                       help="Memory per worker for current versions served to reads by id; 0 turns "
                                            "it off (needed when nodes on other hosts write to the same database)"),
+    audit_journal: str = typer.Option("auto", "--audit-journal",
+                                      help="Local directory where read audits are made durable before the answer "
+                                           "(auto: beside the SQLite file, or ./var/audit-journal/…), or off"),
     role: str = typer.Option(None, "--role", help="node | hub (checked against --config)"),
     config: Path = typer.Option(None, "--config", help="Exchange configuration (TOML): role, code, hub, keys"),
 ) -> None:
@@ -86,11 +90,12 @@ def serve(
     elif role:
         fail("--role cần --config", "--role needs --config (keys, hub address)", 2)
     settings = ApiSettings(max_body_bytes=max_body_mb * 1024 * 1024, public_base_url=public_base_url,
-                           node_name=node_name, cors_origins=tuple(cors_origin))
+                           node_name=node_name, cors_origins=tuple(cors_origin), audit_journal=audit_journal)
     try:
         from lienthong.node import open_database
 
         database = open_database(db, read_cache_mb=0)
+        _require_journal_directory(database.engine.url, audit_journal)
         if not insecure_dev and host not in LOOPBACK:
             _require_configured(database.engine)
     except typer.Exit:
@@ -111,6 +116,18 @@ def serve(
         from lienthong.node import app_from_env
 
         uvicorn.run(app_from_env(), host=host, port=port, log_level="warning", access_log=False)
+
+
+def _require_journal_directory(url: object, setting: str) -> None:
+    """Fail before serving when the audit journal's directory cannot be written (every read would fail)."""
+    from lienthong.security.audit_journal import journal_location
+
+    location = journal_location(url, setting)  # type: ignore[arg-type]
+    if location is None:
+        return
+    location.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not os.access(location, os.W_OK | os.X_OK):
+        fail("không ghi được nhật ký kiểm toán", f"cannot write the audit journal directory {location}", 2)
 
 
 def _require_configured(engine: object) -> None:

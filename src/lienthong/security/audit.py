@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -30,6 +31,7 @@ from sqlalchemy import Connection, Engine, select
 
 from lienthong.fhir.datetimes import format_instant, now_us
 from lienthong.interactions.guard import RemoteAccess
+from lienthong.security.audit_journal import AuditJournal
 from lienthong.storage import schema
 from lienthong.storage.engine import DedicatedWriter, read_connection
 
@@ -194,6 +196,52 @@ def _balp_query(event: dict[str, Any], actor: dict[str, Any], entities: list[dic
                               "code": "XrequestId"}})
 
 
+COMPACT_VERSION = 1
+
+
+def encode_record(rec: AuditRecord) -> bytes:
+    """A record's facts as one compact JSON array: the stored body of every new audit record, and a line of
+    the journal. The AuditEvent is rendered from it when the log is read (`render`), so a better rendering
+    never alters a stored, hashed record; bodies written before this format (AuditEvent JSON) are kept."""
+    remote = rec.remote
+    packed_remote = None if remote is None else [
+        remote.side, remote.client, remote.server, remote.request_id, remote.user, list(remote.user_roles),
+        remote.purpose, None if remote.patient_identifier is None else list(remote.patient_identifier)]
+    return orjson.dumps([COMPACT_VERSION, rec.recorded, rec.action, rec.outcome, rec.actor, rec.actor_kind,
+                         list(rec.roles), rec.facility, rec.address, rec.node, [list(r) for r in rec.resources[:200]],
+                         sorted(set(rec.patients)), rec.query, rec.detail[:1000] if rec.detail else rec.detail,
+                         rec.break_glass, packed_remote])
+
+
+def decode_record(body: bytes) -> AuditRecord:
+    """The record `encode_record` wrote; ValueError for anything else."""
+    try:
+        (version, recorded, action, outcome, actor, kind, roles, facility, address, node, resources, patients,
+         query, detail, break_glass, remote) = orjson.loads(body)
+    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a compact audit record: {exc}") from None
+    if version != COMPACT_VERSION or not isinstance(action, str) or not isinstance(recorded, int):
+        raise ValueError("not a compact audit record of version 1")
+    access = None
+    if remote is not None:
+        side, client, server, request_id, user, user_roles, purpose, identifier = remote
+        access = RemoteAccess(side, client, server, request_id, user, tuple(user_roles), purpose,
+                              None if identifier is None else (identifier[0], identifier[1]))
+    return AuditRecord(action, int(outcome), actor, kind, tuple(roles), facility, address, node,
+                       [(t, i) for t, i in resources], list(patients), query, detail, recorded, bool(break_glass),
+                       access)
+
+
+def render(seq: int, body: bytes) -> dict[str, Any]:
+    """The AuditEvent of a stored record, with its sequence number as id."""
+    if body[:1] != b"[":  # written as AuditEvent JSON (before the compact format), id included
+        event: dict[str, Any] = orjson.loads(body)
+        return event
+    event = decode_record(body).to_fhir()
+    event["id"] = str(seq)
+    return event
+
+
 _LOG_COLUMNS = ("seq", "recorded", "actor", "facility", "action", "outcome", "body", "prev_hash", "hash")
 
 # The chain is computed here for both databases (`_chained`). SQLite: the head is read inside the writer's
@@ -225,11 +273,11 @@ SELECT count(*) FROM moved"""
 
 
 def _serialised(records: Sequence[AuditRecord]) -> list[tuple[AuditRecord, bytes, list[str]]]:
-    """Each record with its AuditEvent JSON (without id: see `_stamped`) and its sorted patient ids."""
+    """Each record with its stored body (`encode_record`) and its sorted patient ids."""
     out = []
     for rec in records:
         rec.recorded = rec.recorded or now_us()
-        out.append((rec, orjson.dumps(rec.to_fhir()), sorted(set(rec.patients))))
+        out.append((rec, encode_record(rec), sorted(set(rec.patients))))
     return out
 
 
@@ -238,9 +286,8 @@ def _chained(events: list[tuple[AuditRecord, bytes, list[str]]], seq: int, prev:
     """The audit_log rows and audit_patient rows of a batch appended after head (seq, prev), and the new head."""
     rows: list[tuple[Any, ...]] = []
     patients: list[tuple[int, str]] = []
-    for rec, unstamped, patient_ids in events:
+    for rec, body, patient_ids in events:
         seq += 1
-        body = _stamped(unstamped, seq)
         outcome = str(rec.outcome)
         digest = _chain(prev, seq, body, (rec.recorded, rec.actor, rec.facility, rec.action, outcome,
                                           ",".join(patient_ids)))
@@ -266,11 +313,6 @@ def _try_append(cur: Any, events: list[tuple[AuditRecord, bytes, list[str]]], he
     rows, patients, seq, digest = _chained(events, *head)
     cur.execute(_PG_APPEND, _pg_params(rows, patients, *head, seq, digest), prepare=True)
     return (seq, digest) if cur.fetchone()[0] == 1 else None
-
-
-def _stamped(body: bytes, seq: int) -> bytes:
-    """The AuditEvent's JSON with its id (the sequence number) as last member; migration 0008 does the same."""
-    return body[:-1] + b',"id":"%d"}' % seq
 
 
 def _chain(prev: str, seq: int, body: bytes, columns: tuple[Any, ...] = ()) -> str:
@@ -326,8 +368,27 @@ def _settle(items: Sequence[_Pending], error: BaseException | None) -> None:
             logger.exception("audit: could not notify the waiting answers")
 
 
+class JournalConflict(RuntimeError):
+    """A segment's drained offset in the database is not where this process left it: re-read it."""
+
+
+# The drain's bookkeeping, in each driver's paramstyle (run at the driver level inside the drain's transaction).
+_ADVANCE = {"sqlite": "UPDATE audit_journal SET drained = ? WHERE segment = ? AND drained = ?",
+            "postgresql": "UPDATE audit_journal SET drained = %s WHERE segment = %s AND drained = %s"}
+DRAIN_SECONDS = 0.2  # how long a journalled record waits, at most, before the drain moves it into the database
+ORPHAN_SCAN_SECONDS = 10.0  # how often the drain looks for segments left by processes that are gone
+MAX_BACKOFF_SECONDS = 30.0  # the longest pause between drains while the database is unreachable
+
+
 class AuditTrail:
-    def __init__(self, engine: Engine, node: str) -> None:
+    """Writes and reads the audit chain.
+
+    With a `journal` directory, read records are durable once `fdatasync`'d into this process's journal
+    segment (security/audit_journal.py) and a drain thread moves them into the chain every `DRAIN_SECONDS`;
+    without one, each batch is committed to the database before its answer is given. Write records are always
+    appended inside the write's own transaction (`record_in`)."""
+
+    def __init__(self, engine: Engine, node: str, journal: Path | None = None) -> None:
         self.engine = engine
         self.node = node
         self.sqlite = engine.dialect.name == "sqlite"
@@ -343,6 +404,29 @@ class AuditTrail:
         self._flush_lock = threading.Lock()  # one batch in flight at a time: the chain order is commit order
         self._writer: DedicatedWriter | None = None  # the writer's own connection (used under _flush_lock)
         self._head: tuple[int, str] | None = None  # PostgreSQL: the chain head this process last wrote (a guess)
+        self._journal: AuditJournal | None = None
+        self._drain_lock = threading.Lock()
+        self._drainer: DedicatedWriter | None = None  # the drain's own connection (used under _drain_lock)
+        self._offsets: dict[str, int] = {}  # segment -> drained offset, as last committed by this process
+        self._drain_stop = threading.Event()
+        self._drain_thread: threading.Thread | None = None
+        self.drain_failures = 0  # consecutive failed drains (diagnostics, tests)
+        if journal is not None:
+            self._journal = AuditJournal(journal, self._register_segment)
+            self._ensure_drain_thread()
+
+    def _ensure_drain_thread(self) -> None:
+        """The drain runs from the start (orphans of a crash are moved without waiting for traffic), and again
+        after a `close` if the trail is used once more (a server's shutdown closes it; tests reuse apps)."""
+        with self._lock:
+            if self._drain_thread is None or not self._drain_thread.is_alive():
+                self._drain_stop.clear()
+                self._drain_thread = threading.Thread(target=self._drain_loop, name="audit-drain", daemon=True)
+                self._drain_thread.start()
+
+    @property
+    def journal(self) -> AuditJournal | None:
+        return self._journal
 
     # ---- writing -------------------------------------------------------------
     def record_in(self, conn: Connection, records: Sequence[AuditRecord]) -> None:
@@ -357,7 +441,9 @@ class AuditTrail:
 
     def append(self, cur: Any, records: Sequence[AuditRecord]) -> None:
         """Chain and insert records through a driver cursor of an open transaction (both write paths)."""
-        events = _serialised(records)
+        self._append_events(cur, _serialised(records))
+
+    def _append_events(self, cur: Any, events: list[tuple[AuditRecord, bytes, list[str]]]) -> None:
         if not self.sqlite:
             self._append_postgres(cur, events)
             return
@@ -385,16 +471,16 @@ class AuditTrail:
         self._head = moved
 
     def submit(self, record: AuditRecord, waited: bool = True) -> Future[None]:
-        """Queue a record of a read-type interaction; the future resolves once it is committed (group commit).
+        """Queue a record of a read-type interaction; the future resolves once it is durable (group commit).
 
-        `waited`: a caller holds its answer until the commit, so a final failure is reported to it (and the
+        `waited`: a caller holds its answer until then, so a final failure is reported to it (and the
         record, of an answer never given, is dropped); an unwaited record is kept and retried instead."""
         done: Future[None] = Future()
         self._queue((record, done, waited, None))
         return done
 
     def submit_for(self, record: AuditRecord, waits: AuditWaits) -> None:
-        """Queue a record that `waits` must see committed before its answer is given (see `AuditWaits`)."""
+        """Queue a record that `waits` must see durable before its answer is given (see `AuditWaits`)."""
         waits.expected += 1
         self._queue((record, None, True, waits))
 
@@ -433,19 +519,35 @@ class AuditTrail:
             if self._stopping and not self._pending:
                 return
             try:
-                self.flush()
+                self._write_pending()
             except Exception:  # waiters were failed, unwaited records re-queued: pause before retrying
                 logger.exception("audit: commit failed")
                 self._signal.acquire(timeout=1.0)
 
     def flush(self) -> None:
-        """Commit everything pending now (and wait for a batch already in flight)."""
+        """Make everything pending durable now, and move everything journalled into the database."""
+        self._write_pending()
+        self.drain()
+
+    def _write_pending(self) -> None:
+        """Make everything pending durable (and wait for a batch already in flight): in the journal when there
+        is one and it takes the batch, otherwise committed to the database."""
         with self._flush_lock:
             pending = self._pending
             batch = [pending.popleft() for _ in range(len(pending))]  # what arrives meanwhile waits its turn
             if not batch:
                 return
             records = [item[0] for item in batch]
+            if self._journal is not None:
+                try:
+                    self._journal.write([encode_record(r) for r in records])
+                except Exception:  # a full or failing disk: the database is the durability point meanwhile
+                    logger.exception("audit journal: cannot write; committing this batch to the database")
+                else:
+                    _settle(batch, None)
+                    if self._drain_thread is None:
+                        self._ensure_drain_thread()
+                    return
             for attempt in range(COMMIT_ATTEMPTS):
                 try:
                     self._commit(records)
@@ -467,24 +569,128 @@ class AuditTrail:
         with self._writer.transaction(single_statement=not self.sqlite) as cur:  # PostgreSQL: one statement
             self.append(cur, records)
 
+    # ---- the journal's drain -------------------------------------------------
+    def _register_segment(self, name: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(schema.audit_journal.insert().values(segment=name, drained=0, created=now_us()))
+
+    def _registered_offset(self, name: str) -> int | None:
+        table = schema.audit_journal
+        with read_connection(self.engine) as conn:
+            return conn.execute(select(table.c.drained).where(table.c.segment == name)).scalar_one_or_none()
+
+    def drain(self, orphans: bool = False) -> int:
+        """Move every complete journal line into the chain; `orphans`: first claim the segments of processes
+        that are gone. Returns how many records were moved. Each transaction also advances the segment's
+        drained offset, only from where this process last saw it (`JournalConflict` otherwise)."""
+        journal = self._journal
+        if journal is None:
+            return 0
+        moved = 0
+        with self._drain_lock:
+            if orphans:
+                journal.claim_orphans(lambda name: self._registered_offset(name) is not None)
+            for segment in journal.segments():
+                offset = self._offsets.get(segment.name)
+                if offset is None:
+                    stored = self._registered_offset(segment.name)
+                    if stored is None:  # the database lost the row (restored from a backup): this segment is ours
+                        self._register_segment(segment.name)
+                        stored = 0
+                    offset = self._offsets[segment.name] = stored
+                while True:
+                    lines, end = journal.read(segment, offset)
+                    if not lines:
+                        break
+                    self._commit_drain(segment.name, offset, end, [self._decoded(segment.name, line)
+                                                                   for line in lines])
+                    moved += len(lines)
+                    offset = self._offsets[segment.name] = end
+                if journal.drained(segment, offset):
+                    del self._offsets[segment.name]
+        return moved
+
+    def _decoded(self, segment: str, line: bytes) -> tuple[AuditRecord, bytes, list[str]]:
+        """A journal line as (record, stored body, patient ids); a damaged line is kept as a security alert."""
+        try:
+            rec = decode_record(line)
+        except ValueError:
+            rec = AuditRecord("journal-damaged", 8, None, "node", (), None, None, self.node,
+                              detail=f"unreadable audit journal line in {segment}: {line[:300]!r}",
+                              recorded=now_us())
+            logger.error("audit journal: unreadable line in %s, kept as a security alert", segment)
+            return rec, encode_record(rec), []
+        return rec, line, sorted(set(rec.patients))
+
+    def _commit_drain(self, segment: str, start: int, end: int,
+                      events: list[tuple[AuditRecord, bytes, list[str]]]) -> None:
+        if self._drainer is None:
+            self._drainer = DedicatedWriter(self.engine)
+        try:
+            with self._drainer.transaction() as cur:
+                self._append_events(cur, events)
+                cur.execute(_ADVANCE["sqlite" if self.sqlite else "postgresql"], (end, segment, start))
+                if cur.rowcount != 1:
+                    raise JournalConflict(f"audit journal {segment}: drained offset is not {start}")
+        except JournalConflict:
+            self._offsets.pop(segment, None)
+            raise
+
+    def _drain_loop(self) -> None:
+        last_scan = -ORPHAN_SCAN_SECONDS
+        while True:
+            stopping = self._drain_stop.wait(DRAIN_SECONDS * 2 ** min(self.drain_failures, 8))
+            if stopping:
+                return
+            try:
+                scan = time.monotonic() - last_scan >= ORPHAN_SCAN_SECONDS
+                self.drain(orphans=scan)
+                if scan:
+                    last_scan = time.monotonic()
+                self.drain_failures = 0
+            except Exception as exc:  # the database is away: the lines wait on disk, retried with a backoff
+                self.drain_failures += 1
+                if self.drain_failures in (1, 10) or self.drain_failures % 100 == 0:
+                    logger.warning("audit journal: drain failed %d time(s): %s", self.drain_failures, exc)
+                with self._drain_lock:
+                    if self._drainer is not None:
+                        self._drainer.close()
+                        self._drainer = None
+
     def close(self) -> None:
         self._stopping = True
         self._wake_writer()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        self.flush()
+        self._write_pending()
+        if self._drain_thread is not None:
+            self._drain_stop.set()
+            self._drain_thread.join(timeout=30)
+            self._drain_thread = None
+        if self._journal is not None:
+            self._journal.close()  # the current segment is retired: drained below, then deleted
+            try:
+                self.drain()
+            except Exception as exc:  # what is left is drained by the next process that opens this journal
+                logger.warning("audit journal: could not drain before closing (%s); the lines stay on disk", exc)
+            finally:
+                self._journal.release()
         with self._flush_lock:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+        with self._drain_lock:
+            if self._drainer is not None:
+                self._drainer.close()
+                self._drainer = None
 
     # ---- reading -------------------------------------------------------------
     def events(self, patient: str | None = None, actor: str | None = None, since: int | None = None,
                until: int | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         self.flush()
         table = schema.audit_log
-        stmt = select(table.c.body).order_by(table.c.seq.desc()).limit(limit)
+        stmt = select(table.c.seq, table.c.body).order_by(table.c.recorded.desc(), table.c.seq.desc()).limit(limit)
         if actor is not None:
             stmt = stmt.where(table.c.actor == actor)
         if since is not None:
@@ -495,7 +701,7 @@ class AuditTrail:
             ap = schema.audit_patient
             stmt = stmt.where(table.c.seq.in_(select(ap.c.seq).where(ap.c.patient_id == patient)))
         with read_connection(self.engine) as conn:
-            return [orjson.loads(bytes(r[0])) for r in conn.execute(stmt)]
+            return [render(seq, bytes(body)) for seq, body in conn.execute(stmt)]
 
     def verify(self) -> tuple[bool, int, str]:
         """Recompute the chain. Returns (ok, records checked, message)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError
 
 logger = logging.getLogger(__name__)
@@ -301,6 +301,17 @@ def read_connection(engine: Engine) -> Connection:
     """A connection for reads only: autocommit, so on SQLite it never takes the write lock and can run
     while the same thread holds a write transaction on another connection."""
     return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
+def sqlite_file(url: URL) -> Path | None:
+    """The file of a SQLite database URL; None for an in-memory one (or another backend): files that belong
+    beside the database (the read cache's counters, the audit journal) exist only when it has a file."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    name = url.database or ""
+    if name in ("", ":memory:") or name.startswith("file::memory:") or "mode=memory" in str(url.query):
+        return None
+    return Path(name).resolve()
 
 
 def is_sqlite(engine: Engine) -> bool:

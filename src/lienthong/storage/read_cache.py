@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import URL
 
+from lienthong.storage.engine import sqlite_file
+
 if TYPE_CHECKING:
     from lienthong.storage.repository import Stored
 
@@ -153,10 +155,8 @@ def counters_path(url: URL, directory: Path | None = None) -> Path | None:
     PostgreSQL: one file per server (host and port, never a password) in shared memory, shared by its
     databases: a collision between two databases costs a miss, and throw-away servers leave one file."""
     if url.get_backend_name() == "sqlite":
-        name = url.database or ""
-        if name in ("", ":memory:") or name.startswith("file::memory:") or "mode=memory" in str(url.query):
-            return None
-        return Path(name).resolve().with_name(Path(name).name + "-changes")
+        database = sqlite_file(url)
+        return None if database is None else database.with_name(database.name + "-changes")
     key = f"{url.get_backend_name()}://{url.host or ''}:{url.port or ''}"
     if directory is None:
         shm = Path("/dev/shm")  # noqa: S108 - opened with O_NOFOLLOW, used only if private to this account

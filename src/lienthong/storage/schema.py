@@ -302,6 +302,16 @@ audit_head = Table(
     Column("seq", BigInteger, nullable=False),
     Column("hash", String(64), nullable=False),
 )
+# Each audit journal segment (security/audit_journal.py) and how far it has been drained into audit_log, committed
+# with the rows it moved: a crash neither loses nor doubles a record. Rows stay after their file is deleted, so a
+# segment is never drained twice, and a file this database never registered is never drained at all.
+audit_journal = Table(
+    "audit_journal",
+    metadata,
+    Column("segment", String(128), primary_key=True),
+    Column("drained", BigInteger, nullable=False),
+    Column("created", BigInteger, nullable=False),
+)
 
 # ---- Master patient index (issue: patient identity across the province) ---------------------------
 
