@@ -41,6 +41,9 @@ SEGMENT_PREFIX = "seg-"
 SEGMENT_SUFFIX = ".jsonl"
 MAX_SEGMENT_BYTES = 64 * 1024 * 1024  # then the writer moves to a new segment and the old one is deleted once drained
 MAX_READ_BYTES = 4 * 1024 * 1024  # one drain transaction at most
+# Segments grow by this much of zeros ahead of the writer: overwriting allocated blocks lets `fdatasync` skip the
+# file system's metadata commit (on this ext4 disk 170 µs instead of 260 µs per sync, 72 instead of 107 µs of CPU).
+PREALLOCATE_BYTES = 1024 * 1024
 
 
 def journal_location(url: URL, setting: str = "auto") -> Path | None:
@@ -69,8 +72,27 @@ class Segment:
     path: Path
     fd: int
     synced: int = 0  # bytes known durable: the drain of a live segment reads no further
+    allocated: int = 0  # bytes of zeros written ahead (see PREALLOCATE_BYTES)
     writable: bool = True  # False once retired, or when it was found as an orphan
     orphan: bool = False  # written by a process that is gone: read to its last complete line
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _written_after(fd: int, offset: int) -> int:
+    """How many bytes were written after `offset` (up to the zeros written ahead)."""
+    count = 0
+    while chunk := os.pread(fd, 1024 * 1024, offset + count):
+        zeros = chunk.find(0)
+        if zeros >= 0:
+            return count + zeros
+        count += len(chunk)
+    return count
 
 
 class JournalError(OSError):
@@ -101,10 +123,11 @@ class AuditJournal:
             segment = self._replace_current()
         data = b"\n".join(lines) + b"\n"
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(segment.fd, view)
-                view = view[written:]
+            if segment.synced + len(data) > segment.allocated:
+                grow = max(PREALLOCATE_BYTES, len(data))
+                _write_all(segment.fd, bytes(grow), segment.allocated)
+                segment.allocated += grow
+            _write_all(segment.fd, data, segment.synced)
             os.fdatasync(segment.fd)
         except OSError as exc:
             self._retire(segment)
@@ -132,7 +155,7 @@ class AuditJournal:
     def _open_segment(self) -> Segment:
         name = f"{SEGMENT_PREFIX}{os.getpid()}-{time.time_ns()}-{secrets.token_hex(4)}{SEGMENT_SUFFIX}"
         temporary = self.directory / f".new-{name}"
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._register(name)
@@ -196,6 +219,9 @@ class AuditJournal:
         if end <= offset:
             return [], offset
         data = os.pread(segment.fd, min(end - offset, max_bytes), offset)
+        zeros = data.find(0)  # an orphan's lines end where the zeros written ahead begin
+        if zeros >= 0:
+            data = data[:zeros]
         last = data.rfind(b"\n")
         if last < 0:
             if len(data) >= max_bytes:  # one line longer than a whole read: never written by this journal
@@ -205,12 +231,9 @@ class AuditJournal:
 
     def drained(self, segment: Segment, offset: int) -> bool:
         """Whether `segment` is finished at `offset`; a finished retired or orphaned segment is deleted."""
-        if segment.writable:
+        if segment.writable or (not segment.orphan and offset < segment.synced):
             return False
-        size = os.fstat(segment.fd).st_size
-        tail = size - offset
-        if tail > 0 and not segment.orphan and offset < segment.synced:
-            return False
+        tail = _written_after(segment.fd, offset)
         if tail > 0:  # an orphan's torn last line, or a failed batch past the durable offset: never acknowledged
             logger.warning("audit journal: %d unacknowledged byte(s) dropped at the end of %s", tail, segment.path)
         with contextlib.suppress(FileNotFoundError):
