@@ -173,7 +173,8 @@ def test_a_live_segment_of_another_trail_is_never_claimed(database: Database, tm
 
 
 def test_a_segment_another_database_registered_is_left_alone(db_url: str, database: Database, tmp_path: Path,
-                                                             request: pytest.FixtureRequest) -> None:
+                                                             request: pytest.FixtureRequest,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     journal = tmp_path / "journal"
     if db_url.startswith("sqlite"):
         other_url = f"sqlite:///{tmp_path / 'other.db'}"
@@ -183,7 +184,9 @@ def test_a_segment_another_database_registered_is_left_alone(db_url: str, databa
     mine = AuditTrail(database.engine, "mine", journal)
     try:
         assert mine.drain(orphans=True) == 0
+        assert mine.drain(orphans=True) == 0  # the scan repeats; the warning does not
         assert foreign.exists() and stored(database, "j-child") == []
+        assert caplog.text.count("is not registered in this database") == 1
     finally:
         mine.close()
     assert foreign.exists()  # audit data of another database is never deleted
@@ -223,7 +226,10 @@ def test_segments_rotate_and_each_is_deleted_once_drained(trail: AuditTrail, dat
 
 
 def test_a_batch_the_journal_cannot_take_is_committed_to_the_database(trail: AuditTrail, database: Database,
-                                                                      tmp_path: Path) -> None:
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import lienthong.security.audit as audit_module
+
     assert trail.journal is not None and trail.journal.current is not None
     broken = trail.journal.current
     trail.submit(record("j-fail", 0)).result(timeout=10)
@@ -231,10 +237,17 @@ def test_a_batch_the_journal_cannot_take_is_committed_to_the_database(trail: Aud
     broken.fd = os.open(broken.path, os.O_RDONLY)  # writes now fail (EBADF), as on a failing disk
     trail.submit(record("j-fail", 1)).result(timeout=10)  # still answered: committed directly
     assert [decode_record(b).detail for _, b in stored(database, "j-fail")] == ["đọc 1"]
-    trail.submit(record("j-fail", 2)).result(timeout=10)  # the next batch opens a new segment
-    assert trail.journal.current is not broken
+    trail.submit(record("j-fail", 2)).result(timeout=10)  # within the back-off: directly again, no new segment
+    assert trail.journal.current is None
+    assert [decode_record(b).detail for _, b in stored(database, "j-fail")] == ["đọc 1", "đọc 2"]
+    monkeypatch.setattr(audit_module, "JOURNAL_RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(trail, "_journal_retry_at", 0.0)  # the back-off is over
+    trail.submit(record("j-fail", 3)).result(timeout=10)  # the journal again, in a new segment
+    assert trail.journal.current is not None and trail.journal.current is not broken
+    assert len(stored(database, "j-fail")) == 2
     trail.drain()
-    assert sorted(decode_record(b).detail or "" for _, b in stored(database, "j-fail")) == ["đọc 0", "đọc 1", "đọc 2"]
+    details = sorted(decode_record(b).detail or "" for _, b in stored(database, "j-fail"))
+    assert details == ["đọc 0", "đọc 1", "đọc 2", "đọc 3"]
     assert not broken.path.exists()
     assert trail.verify()[0]
 

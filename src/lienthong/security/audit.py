@@ -378,6 +378,9 @@ _ADVANCE = {"sqlite": "UPDATE audit_journal SET drained = ? WHERE segment = ? AN
 DRAIN_SECONDS = 0.2  # how long a journalled record waits, at most, before the drain moves it into the database
 ORPHAN_SCAN_SECONDS = 10.0  # how often the drain looks for segments left by processes that are gone
 MAX_BACKOFF_SECONDS = 30.0  # the longest pause between drains while the database is unreachable
+# After the journal failed a batch (disk full, I/O error), read records are committed to the database this long
+# before the journal is tried again: a full disk would otherwise cost a new segment for every batch.
+JOURNAL_RETRY_SECONDS = 5.0
 
 
 class AuditTrail:
@@ -411,6 +414,7 @@ class AuditTrail:
         self._drain_stop = threading.Event()
         self._drain_thread: threading.Thread | None = None
         self.drain_failures = 0  # consecutive failed drains (diagnostics, tests)
+        self._journal_retry_at = 0.0  # after a failed journal write, batches go to the database until then
         if journal is not None:
             self._journal = AuditJournal(journal, self._register_segment)
             self._ensure_drain_thread()
@@ -538,11 +542,13 @@ class AuditTrail:
             if not batch:
                 return
             records = [item[0] for item in batch]
-            if self._journal is not None:
+            if self._journal is not None and time.monotonic() >= self._journal_retry_at:
                 try:
                     self._journal.write([encode_record(r) for r in records])
-                except Exception:  # a full or failing disk: the database is the durability point meanwhile
-                    logger.exception("audit journal: cannot write; committing this batch to the database")
+                except Exception:  # a full or failing disk: the database is the durability point for a while
+                    self._journal_retry_at = time.monotonic() + JOURNAL_RETRY_SECONDS
+                    logger.exception("audit journal: cannot write; committing read records to the database for "
+                                     "%.0f s", JOURNAL_RETRY_SECONDS)
                 else:
                     _settle(batch, None)
                     if self._drain_thread is None:
@@ -639,7 +645,8 @@ class AuditTrail:
     def _drain_loop(self) -> None:
         last_scan = -ORPHAN_SCAN_SECONDS
         while True:
-            stopping = self._drain_stop.wait(DRAIN_SECONDS * 2 ** min(self.drain_failures, 8))
+            stopping = self._drain_stop.wait(min(DRAIN_SECONDS * 2 ** min(self.drain_failures, 16),
+                                                 MAX_BACKOFF_SECONDS))
             if stopping:
                 return
             try:

@@ -111,6 +111,7 @@ class AuditJournal:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.current: Segment | None = self._open_segment()
         self.retired: list[Segment] = []
+        self._reported: set[str] = set()  # foreign segments already reported
 
     # ---- the writer's side --------------------------------------------------------------------------------
     def write(self, lines: list[bytes]) -> None:
@@ -203,7 +204,8 @@ class AuditJournal:
                 os.close(fd)  # its writer (or another drain) holds it
                 continue
             if os.fstat(fd).st_nlink == 0 or not registered(path.name):
-                if os.fstat(fd).st_nlink:
+                if os.fstat(fd).st_nlink and path.name not in self._reported:
+                    self._reported.add(path.name)  # said once per process: the scan repeats every few seconds
                     logger.warning("audit journal: %s is not registered in this database; left in place", path)
                 os.close(fd)  # already drained and deleted by another process, or not ours
                 continue
