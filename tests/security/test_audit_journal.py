@@ -283,6 +283,17 @@ def test_reads_stay_answered_while_the_database_is_away_and_are_drained_when_it_
         trail.close()
 
 
+def test_an_existing_journal_directory_is_made_private(database: Database, tmp_path: Path) -> None:
+    directory = tmp_path / "journal"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    trail = AuditTrail(database.engine, "test", directory)
+    try:
+        assert directory.stat().st_mode & 0o777 == 0o700
+    finally:
+        trail.close()
+
+
 def test_the_drain_thread_moves_records_by_itself(trail: AuditTrail, database: Database) -> None:
     import time
 

@@ -109,6 +109,7 @@ class AuditJournal:
         self._register = register
         self._lock = threading.Lock()  # guards the segment lists between the writer and the drain
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)  # also when it existed: who reads the journal reads who saw which patient
         self.current: Segment | None = self._open_segment()
         self.retired: list[Segment] = []
         self._reported: set[str] = set()  # foreign segments already reported
