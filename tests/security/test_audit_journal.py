@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from lienthong.node import open_database
-from lienthong.security.audit import AuditRecord, AuditTrail, decode_record, encode_record, render
+from lienthong.security.audit import AuditRecord, AuditTrail, decode_record, encode_record, render, stored_event
 from lienthong.security.audit_journal import journal_location
 from lienthong.storage import schema
 from lienthong.storage.repository import Database
@@ -99,6 +99,13 @@ def test_the_compact_record_renders_the_same_auditevent_as_the_record(trail: Aud
     assert decode_record(encode_record(rec)) == AuditRecord(
         rec.action, rec.outcome, rec.actor, rec.actor_kind, tuple(rec.roles), rec.facility, rec.address, rec.node,
         list(rec.resources), list(rec.patients), rec.query, rec.detail, rec.recorded, True, remote)
+    columns, body, patients = stored_event(encode_record(rec))  # what the drain reads of a line
+    assert columns == (12345, rec.actor, rec.facility, "read", "0") and body == encode_record(rec)
+    assert patients == ["p7"]
+    for bad in (b'{"a": 1}', b"[2" + encode_record(rec)[2:], encode_record(rec).replace(b'"read",0', b'"read","0"'),
+                b"[1,2,3]", b"\xff"):
+        with pytest.raises(ValueError):
+            stored_event(bad)
     legacy = orjson.dumps({**rec.to_fhir(), "id": "3"})
     assert render(3, legacy) == orjson.loads(legacy)  # records written before the compact format
 

@@ -272,26 +272,49 @@ linked AS (
 SELECT count(*) FROM moved"""
 
 
-def _serialised(records: Sequence[AuditRecord]) -> list[tuple[AuditRecord, bytes, list[str]]]:
-    """Each record with its stored body (`encode_record`) and its sorted patient ids."""
+# A record ready to be chained: its queried columns (recorded, actor, facility, action, outcome), its stored body
+# and its sorted patient ids.
+Columns = tuple[int, "str | None", "str | None", str, str]
+Event = tuple[Columns, bytes, list[str]]
+
+
+def _serialised(records: Sequence[AuditRecord]) -> list[Event]:
+    """Each record as an `Event`, its body written by `encode_record`."""
     out = []
     for rec in records:
         rec.recorded = rec.recorded or now_us()
-        out.append((rec, encode_record(rec), sorted(set(rec.patients))))
+        columns = (rec.recorded, rec.actor, rec.facility, rec.action, str(rec.outcome))
+        out.append((columns, encode_record(rec), sorted(set(rec.patients))))
     return out
 
 
-def _chained(events: list[tuple[AuditRecord, bytes, list[str]]], seq: int, prev: str
+def stored_event(body: bytes) -> Event:
+    """The `Event` of a compact body (a journal line) without building its AuditRecord: the drain needs only the
+    columns, and `decode_record` cost it most of its time per record. ValueError if it is not one."""
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not a compact audit record: {exc}") from None
+    if not (isinstance(fields, list) and len(fields) == 16 and fields[0] == COMPACT_VERSION):
+        raise ValueError("not a compact audit record of version 1")
+    recorded, action, outcome, actor, facility, patients = (fields[1], fields[2], fields[3], fields[4], fields[7],
+                                                            fields[11])
+    if not (isinstance(recorded, int) and isinstance(action, str) and isinstance(outcome, int)
+            and isinstance(actor, str | None) and isinstance(facility, str | None) and isinstance(patients, list)
+            and all(isinstance(p, str) for p in patients)):
+        raise ValueError("a compact audit record with a column of the wrong type")
+    return (recorded, actor, facility, action, str(outcome)), body, sorted(set(patients))
+
+
+def _chained(events: list[Event], seq: int, prev: str
              ) -> tuple[list[tuple[Any, ...]], list[tuple[int, str]], int, str]:
     """The audit_log rows and audit_patient rows of a batch appended after head (seq, prev), and the new head."""
     rows: list[tuple[Any, ...]] = []
     patients: list[tuple[int, str]] = []
-    for rec, body, patient_ids in events:
+    for (recorded, actor, facility, action, outcome), body, patient_ids in events:
         seq += 1
-        outcome = str(rec.outcome)
-        digest = _chain(prev, seq, body, (rec.recorded, rec.actor, rec.facility, rec.action, outcome,
-                                          ",".join(patient_ids)))
-        rows.append((seq, rec.recorded, rec.actor, rec.facility, rec.action, outcome, body, prev, digest))
+        digest = _chain(prev, seq, body, (recorded, actor, facility, action, outcome, ",".join(patient_ids)))
+        rows.append((seq, recorded, actor, facility, action, outcome, body, prev, digest))
         patients.extend((seq, p) for p in patient_ids)
         prev = digest
     return rows, patients, seq, prev
@@ -307,7 +330,7 @@ def _pg_params(rows: list[tuple[Any, ...]], patients: list[tuple[int, str]], pre
             "patients": linked.decode()}
 
 
-def _try_append(cur: Any, events: list[tuple[AuditRecord, bytes, list[str]]], head: tuple[int, str]
+def _try_append(cur: Any, events: list[Event], head: tuple[int, str]
                 ) -> tuple[int, str] | None:
     """Append a batch chained after `head` if that is still the head; the new head, or None if it had moved."""
     rows, patients, seq, digest = _chained(events, *head)
@@ -447,7 +470,7 @@ class AuditTrail:
         """Chain and insert records through a driver cursor of an open transaction (both write paths)."""
         self._append_events(cur, _serialised(records))
 
-    def _append_events(self, cur: Any, events: list[tuple[AuditRecord, bytes, list[str]]]) -> None:
+    def _append_events(self, cur: Any, events: list[Event]) -> None:
         if not self.sqlite:
             self._append_postgres(cur, events)
             return
@@ -458,7 +481,7 @@ class AuditTrail:
         cur.executemany(_SQLITE_ADD_PATIENT, patients)
         cur.execute(_SQLITE_MOVE_HEAD, (seq, digest))
 
-    def _append_postgres(self, cur: Any, events: list[tuple[AuditRecord, bytes, list[str]]]) -> None:
+    def _append_postgres(self, cur: Any, events: list[Event]) -> None:
         """One round trip when this process wrote the head last (the usual case with one worker); two more
         (the head under its row lock, then the statement again) when another process appended meanwhile."""
         if self._head is not None:
@@ -616,20 +639,19 @@ class AuditTrail:
                     del self._offsets[segment.name]
         return moved
 
-    def _decoded(self, segment: str, line: bytes) -> tuple[AuditRecord, bytes, list[str]]:
-        """A journal line as (record, stored body, patient ids); a damaged line is kept as a security alert."""
+    def _decoded(self, segment: str, line: bytes) -> Event:
+        """A journal line as an `Event`; a damaged line is kept as a security alert."""
         try:
-            rec = decode_record(line)
+            return stored_event(line)
         except ValueError:
             rec = AuditRecord("journal-damaged", 8, None, "node", (), None, None, self.node,
                               detail=f"unreadable audit journal line in {segment}: {line[:300]!r}",
                               recorded=now_us())
             logger.error("audit journal: unreadable line in %s, kept as a security alert", segment)
-            return rec, encode_record(rec), []
-        return rec, line, sorted(set(rec.patients))
+            return _serialised([rec])[0]
 
     def _commit_drain(self, segment: str, start: int, end: int,
-                      events: list[tuple[AuditRecord, bytes, list[str]]]) -> None:
+                      events: list[Event]) -> None:
         if self._drainer is None:
             self._drainer = DedicatedWriter(self.engine)
         try:
