@@ -199,11 +199,26 @@ def clients_add(
 
 
 @audit_app.command("verify")
-def audit_verify(db: str = DB_OPTION) -> None:
+def audit_verify(db: str = DB_OPTION,
+                 audit_journal: str = typer.Option("auto", "--audit-journal",
+                                                   help="The node's read-audit journal, whose segments left by "
+                                                        "stopped processes are drained first (auto | off | DIR)")
+                 ) -> None:
     """Kiểm tra chuỗi băm của nhật ký / Verify the audit hash chain."""
     from lienthong.security.audit import AuditTrail
+    from lienthong.security.audit_journal import journal_location
 
-    ok, _, message = AuditTrail(_engine(db), "cli").verify()
+    engine = _engine(db)
+    trail = AuditTrail(engine, "cli")
+    location = journal_location(engine.url, audit_journal)
+    if location is not None:
+        try:
+            moved = trail.drain_orphans(location)
+        except Exception as exc:
+            fail("không chuyển được nhật ký cục bộ vào chuỗi", f"cannot drain the audit journal {location}: {exc}")
+        if moved:
+            out.print(f"Đã chuyển {moved} bản ghi từ nhật ký cục bộ / {moved} journalled records moved into the chain")
+    ok, _, message = trail.verify()
     if not ok:
         fail("nhật ký kiểm toán KHÔNG toàn vẹn", message, 3)
     out.print(message)

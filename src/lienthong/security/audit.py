@@ -639,6 +639,20 @@ class AuditTrail:
                     del self._offsets[segment.name]
         return moved
 
+    def drain_orphans(self, directory: Path) -> int:
+        """Drain the segments that processes which are gone left in `directory`, for a trail that journals
+        nothing itself (`lienthong audit verify` after a crash); returns how many records were moved."""
+        if self._journal is not None:
+            raise RuntimeError("this trail drains its own journal")
+        if not directory.is_dir():
+            return 0
+        self._journal = AuditJournal(directory, self._register_segment, writing=False)
+        try:
+            return self.drain(orphans=True)
+        finally:
+            self._journal.release()
+            self._journal = None
+
     def _decoded(self, segment: str, line: bytes) -> Event:
         """A journal line as an `Event`; a damaged line is kept as a security alert."""
         try:

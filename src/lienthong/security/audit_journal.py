@@ -103,14 +103,16 @@ class AuditJournal:
     """This process's segments in one journal directory."""
 
     def __init__(self, directory: Path, register: Callable[[str], None],
-                 max_segment_bytes: int = MAX_SEGMENT_BYTES) -> None:
+                 max_segment_bytes: int = MAX_SEGMENT_BYTES, writing: bool = True) -> None:
+        """`writing=False`: only claim and drain what dead processes left (`lienthong audit verify`)."""
         self.directory = directory
         self.max_segment_bytes = max_segment_bytes
         self._register = register
         self._lock = threading.Lock()  # guards the segment lists between the writer and the drain
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.chmod(0o700)  # also when it existed: who reads the journal reads who saw which patient
-        self.current: Segment | None = self._open_segment()
+        if writing:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            directory.chmod(0o700)  # also when it existed: who reads the journal reads who saw which patient
+        self.current: Segment | None = self._open_segment() if writing else None
         self.retired: list[Segment] = []
         self._reported: set[str] = set()  # foreign segments already reported
 
