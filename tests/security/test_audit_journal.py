@@ -303,7 +303,6 @@ def test_an_existing_journal_directory_is_made_private(database: Database, tmp_p
 
 
 def test_the_drain_thread_moves_records_by_itself(trail: AuditTrail, database: Database) -> None:
-
     trail.submit(record("j-thread", 0)).result(timeout=10)
     deadline = time.monotonic() + 10
     while not stored(database, "j-thread") and time.monotonic() < deadline:
