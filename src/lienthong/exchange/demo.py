@@ -112,6 +112,7 @@ class Province:
         for unit in self.units.values():
             if unit.thread is not None:
                 unit.thread.join(timeout=10)
+            unit.node.close()  # its audit journal drained into the chain (the servers run without a lifespan)
             unit.node.db.engine.dispose()
 
 
