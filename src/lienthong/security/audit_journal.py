@@ -71,7 +71,7 @@ class Segment:
     name: str
     path: Path
     fd: int
-    synced: int = 0  # bytes known durable: the drain of a live segment reads no further
+    synced: int = 0  # bytes known durable: the drain of this process's segment reads no further (not for orphans)
     allocated: int = 0  # bytes of zeros written ahead (see PREALLOCATE_BYTES)
     writable: bool = True  # False once retired, or when it was found as an orphan
     orphan: bool = False  # written by a process that is gone: read to its last complete line
@@ -212,7 +212,7 @@ class AuditJournal:
                     logger.warning("audit journal: %s is not registered in this database; left in place", path)
                 os.close(fd)  # already drained and deleted by another process, or not ours
                 continue
-            claimed.append(Segment(path.name, path, fd, synced=os.fstat(fd).st_size, writable=False, orphan=True))
+            claimed.append(Segment(path.name, path, fd, writable=False, orphan=True))
         with self._lock:
             self.retired.extend(claimed)
         return claimed
